@@ -1,0 +1,87 @@
+"""The federated application: data, model and task for one config, and the client/server functions.
+
+An ``App`` is what every engine runs. It owns one base model (loaded once per process) and each
+client's tokenised shard; ``client_train`` / ``client_evaluate`` are the functions executed "at a
+client", ``server_evaluate`` the one executed at the server on the global test split. Engines only
+decide where and when these run and carry their inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedfm import client as client_loop
+from fedfm.config import RunConfig
+from fedfm.data import FederatedSplit, TextDataset, load_dataset, split
+from fedfm.models import count_params, get_weights, load_classifier, load_tokenizer, set_weights
+from fedfm.tasks.classification import ClassificationTask, Encoded, encode
+from fedfm.types import ClientTask, ClientUpdate, Weights
+
+
+@dataclass
+class Shard:
+    """One participant's data: what it trains on and what it is evaluated on."""
+
+    name: str
+    train: Encoded
+    test: Encoded
+
+
+class App:
+    """Everything a run needs, built once from a ``RunConfig`` (data checked before any training)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        if cfg.engine.threads:
+            torch.set_num_threads(cfg.engine.threads)
+        self.dataset: TextDataset = load_dataset(cfg.data, cfg.seed)
+        self.split: FederatedSplit = split(self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model.source)
+        encoded = encode(self.tokenizer, self.dataset.texts, self.dataset.labels, cfg.data.max_length)
+        self.shards = [
+            Shard(name, encoded.subset(tr), encoded.subset(te))
+            for name, tr, te in zip(self.split.client_names, self.split.client_train, self.split.client_test)
+        ]
+        self.global_test = encoded.subset(self.split.global_test)
+        self.eval_subset = self._eval_subset(cfg)
+        self.task = ClassificationTask(len(self.dataset.label_names))
+        self.model = load_classifier(cfg.model.source, self.dataset.label_names, cfg.peft, cfg.seed)
+        self.initial_weights: Weights = get_weights(self.model)
+        self.trainable_params, self.total_params = count_params(self.model)
+
+    def _eval_subset(self, cfg: RunConfig) -> Encoded:
+        n = len(self.global_test)
+        if cfg.eval.max_examples is None or cfg.eval.max_examples >= n:
+            return self.global_test
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.eval.max_examples, replace=False))
+        return self.global_test.subset(idx)
+
+    def add_pooled_shard(self) -> int:
+        """Append the centralized baseline's participant: all clients' training data pooled."""
+        pooled = Encoded(
+            torch.cat([s.train.input_ids for s in self.shards]),
+            torch.cat([s.train.attention_mask for s in self.shards]),
+            torch.cat([s.train.labels for s in self.shards]),
+        )
+        self.shards.append(Shard("pooled", pooled, self.global_test.subset([])))
+        return len(self.shards) - 1
+
+    # --- functions executed at a client -------------------------------------------------------
+    def client_train(self, index: int, task: ClientTask) -> ClientUpdate:
+        shard = self.shards[index]
+        return client_loop.train(
+            self.model, shard.train, self.task, task, self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name
+        )
+
+    def client_evaluate(self, index: int, weights: Weights) -> dict[str, float]:
+        set_weights(self.model, weights)
+        return self.task.evaluate(self.model, self.shards[index].test, self.cfg.eval.batch_size)
+
+    # --- functions executed at the server -----------------------------------------------------
+    def server_evaluate(self, weights: Weights, full: bool = False) -> dict[str, float]:
+        set_weights(self.model, weights)
+        data = self.global_test if full else self.eval_subset
+        return self.task.evaluate(self.model, data, self.cfg.eval.batch_size)

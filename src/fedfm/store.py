@@ -1,0 +1,71 @@
+"""Keep many sets of trainable tensors (one per client or per group) within a memory budget.
+
+Entries live in memory until the budget is reached; the least recently used ones then spill to
+safetensors files on disk and come back on access. Written by hand: no library we use offers a
+bounded, disk-backed dict of tensor dicts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from fedfm.types import Weights
+
+
+def nbytes(w: Weights) -> int:
+    return sum(t.numel() * t.element_size() for t in w.values())
+
+
+class StateStore:
+    """A dict-like store of ``Weights`` keyed by str, spilling least-recently-used entries to disk."""
+
+    def __init__(self, memory_bytes: float, spill_dir: Path):
+        self.memory_bytes = memory_bytes
+        self.spill_dir = Path(spill_dir)
+        self._mem: OrderedDict[str, Weights] = OrderedDict()
+        self._used = 0
+        self._on_disk: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._mem or key in self._on_disk
+
+    def keys(self) -> list[str]:
+        return sorted(set(self._mem) | self._on_disk)
+
+    def _path(self, key: str) -> Path:
+        return self.spill_dir / f"{key}.safetensors"
+
+    def put(self, key: str, weights: Weights) -> None:
+        if key in self._mem:
+            self._used -= nbytes(self._mem.pop(key))
+        self._mem[key] = weights
+        self._used += nbytes(weights)
+        self._on_disk.discard(key)
+        self._spill()
+
+    def get(self, key: str) -> Weights:
+        if key in self._mem:
+            self._mem.move_to_end(key)
+            return self._mem[key]
+        if key not in self._on_disk:
+            raise KeyError(key)
+        weights = load_file(self._path(key))
+        self.put(key, weights)
+        return weights
+
+    def _spill(self) -> None:
+        # keep the most recent entry in memory even if it alone exceeds the budget
+        while self._used > self.memory_bytes and len(self._mem) > 1:
+            key, weights = self._mem.popitem(last=False)
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(self._path(key)))
+            self._on_disk.add(key)
+            self._used -= nbytes(weights)
+
+    @property
+    def spilled(self) -> int:
+        """How many entries currently live on disk."""
+        return len(self._on_disk)

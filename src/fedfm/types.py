@@ -1,0 +1,42 @@
+"""The few records that cross the boundaries between server, strategy, engine and client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Weights = dict[str, torch.Tensor]
+"""Named trainable tensors (a peft adapter, soft prompt, or full weights). Always float32 on CPU here."""
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What the server asks one client to do in one round."""
+
+    round: int  # 1-based round index
+    weights: Weights  # trainable tensors to start from (shared, read-only: clients copy them in)
+    num_examples: int | None = None  # training examples to process; None = derive from train config
+    prox_mu: float = 0.0  # FedProx proximal coefficient (0 = plain local training)
+    config: dict[str, Any] = field(default_factory=dict)  # extra hyper-parameters for the round
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back: the change of its trainable tensors and what it measured."""
+
+    client: str
+    delta: Weights
+    num_examples: int  # size of the client's training shard (FedAvg weight)
+    metrics: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+
+
+@dataclass
+class ServerState:
+    """Everything the round loop needs to continue: saved whole in every checkpoint."""
+
+    round: int  # rounds completed
+    weights: Weights  # global trainable tensors
+    opt: Weights = field(default_factory=dict)  # strategy state (momentum, second moments, ...)
