@@ -28,7 +28,8 @@ def examples_per_round(n_train: int, cfg: TrainConfig) -> int:
     """Training examples a client processes in one round (local_steps wins over local_epochs)."""
     if cfg.local_steps is not None:
         return cfg.local_steps * cfg.batch_size
-    return max(1, math.ceil((cfg.local_epochs or 1.0) * n_train))
+    # round() first: 0.14 * 50 is 7.000000000000001 in floating point, which must not become 8
+    return max(1, math.ceil(round((cfg.local_epochs or 1.0) * n_train, 6)))
 
 
 def lr_at(progress: float, cfg: TrainConfig) -> float:
@@ -89,8 +90,9 @@ def train(
             prox = sum((p - ctask.weights[name]).pow(2).sum() for name, p in params.items())
             loss = loss + 0.5 * ctask.prox_mu * prox
         if not torch.isfinite(loss):
+            loss = loss.detach()
             raise TrainingError(
-                f"client {client_name}, round {ctask.round}, local step {k}: loss is {float(loss)}; "
+                f"client {client_name}, round {ctask.round}, local step {k}: loss is {loss.item()}; "
                 "lower train.lr or enable train.max_grad_norm"
             )
         loss.backward()

@@ -6,6 +6,7 @@ rejected before anything is loaded, with a message that names the key and the va
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,6 +157,22 @@ class RunConfig(Section):
         return self.model_dump(mode="json")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML loader that reads ``1e-3`` as a float, as YAML 1.2 does (PyYAML follows YAML 1.1, which
+    needs a dot: ``1.0e-3``) — learning rates are written this way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _section_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     """Valid keys of the (nested) section at ``loc``; used to enrich unknown-key messages."""
     for part in loc[:-1]:
@@ -187,10 +204,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}' must look like key.sub=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
     return key.strip().split("."), value
+
+
+_SECTIONS = {"data", "model", "peft", "train", "strategy", "federation", "engine", "eval", "compare"}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -199,7 +219,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         keys, value = parse_override(item)
         node = raw
         for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
+            if node.get(k) is None:
+                node[k] = {}
+            nxt = node[k]
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override '{item}': '{k}' is not a section")
             node = nxt
@@ -208,6 +230,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
+    # a section header whose keys are all commented out reads as None: treat it as an empty section
+    raw = {k: ({} if v is None and k in _SECTIONS else v) for k, v in raw.items()}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
@@ -222,7 +246,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = _yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):

@@ -53,7 +53,12 @@ def resolve_model_path(source: str) -> Path:
 
 
 def _quiet_transformers() -> None:
+    import warnings
+
     import transformers
+
+    # peft calls a transformers API deprecated in 5.x; the warning is theirs, not the user's
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -67,7 +67,8 @@ def plan_groups(app: App, method: str) -> list[Group]:
 
 
 def num_sampled(n: int, cfg: RunConfig) -> int:
-    return min(n, max(cfg.federation.min_clients, round(cfg.federation.fraction * n)))
+    # round half up (Python's round() is half-to-even: 0.25 * 10 -> 2 but 0.35 * 10 -> 4)
+    return min(n, max(cfg.federation.min_clients, math.floor(cfg.federation.fraction * n + 0.5)))
 
 
 def sample(group: Group, round_: int, cfg: RunConfig) -> list[int]:
