@@ -41,7 +41,7 @@ def tiny(tmp_path: Path, *extra: str) -> config_mod.RunConfig:
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     ck = run_dir / "checkpoints"
-    return load_file(ck / (ck / "LATEST").read_text().strip() / "state.safetensors")
+    return load_file(ck / (ck / "LATEST").read_text().strip() / "state-g0.safetensors")
 
 
 def test_federated_accuracy_rises_above_chance(tmp_path):
@@ -182,3 +182,16 @@ def test_nan_loss_mid_run_leaves_resumable_incomplete_run(tmp_path, monkeypatch)
     assert status["status"] == "incomplete" and status["round"] == 1
     assert (run_dir / "checkpoints" / "LATEST").read_text() == "round-0001"
     assert not (run_dir / "summary.json").exists()
+
+
+def test_local_baseline_spilling_client_states_to_disk_gives_identical_models(tmp_path):
+    # with a zero memory budget every client's model but the newest lives on disk between uses
+    app = App(tiny(tmp_path, "engine.state_memory_mb=0"))
+    server.run_method(app, "local", tmp_path / "disk")
+    app.cfg = tiny(tmp_path, "engine.state_memory_mb=1024")
+    server.run_method(app, "local", tmp_path / "mem")
+    for g in range(3):
+        a = load_file(tmp_path / "disk" / "checkpoints" / "round-0002" / f"state-g{g}.safetensors")
+        b = load_file(tmp_path / "mem" / "checkpoints" / "round-0002" / f"state-g{g}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "disk" / "client_states").exists()  # spill files are removed at the end

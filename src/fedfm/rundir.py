@@ -6,7 +6,7 @@
   status.json          running | complete | incomplete (+ reason, last round, method)
   metrics.jsonl        one record per completed round
   checkpoints/LATEST   name of the newest complete checkpoint (replaced atomically)
-  checkpoints/round-NNNN/state.safetensors, meta.json
+  checkpoints/round-NNNN/state-g<group>.safetensors, meta.json
   final/               model or adapter in Hugging Face format (written at the end)
   summary.json, report.html, plots/
 ```
@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from safetensors.torch import load_file, save_file
 
@@ -97,18 +97,22 @@ class RunDir:
     def ckpt_dir(self) -> Path:
         return self.path / "checkpoints"
 
-    def save_checkpoint(self, states: list[ServerState], meta: dict[str, Any]) -> None:
-        """Atomically write the state of every group (one for federated/centralized, one per client for local)."""
-        round_ = states[0].round
+    def save_checkpoint(self, states: Sequence[ServerState], meta: dict[str, Any]) -> None:
+        """Atomically write the state of every group (one for federated/centralized, one per client for local).
+
+        One safetensors file per group, written one group at a time, so groups that live on disk (see
+        ``fedfm.store.GroupStates``) are never all in memory at once.
+        """
+        round_ = meta.get("round", None)
         self.ckpt_dir.mkdir(exist_ok=True)
-        name = f"round-{round_:04d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
-        tensors = {}
+        tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=".round-"))
         for g, st in enumerate(states):
-            tensors.update({f"g{g}/w/{k}": v.contiguous() for k, v in st.weights.items()})
-            tensors.update({f"g{g}/opt/{k}": v.contiguous() for k, v in st.opt.items()})
-        save_file(tensors, str(tmp / "state.safetensors"))
+            round_ = st.round
+            tensors = {f"w/{k}": v.contiguous() for k, v in st.weights.items()}
+            tensors.update({f"opt/{k}": v.contiguous() for k, v in st.opt.items()})
+            save_file(tensors, str(tmp / f"state-g{g}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({**meta, "round": round_, "groups": len(states)}))
+        name = f"round-{round_:04d}"
         final = self.ckpt_dir / name
         if final.exists():
             shutil.rmtree(final)
@@ -118,16 +122,32 @@ class RunDir:
             if old.name not in (name, "LATEST"):
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
-    def load_checkpoint(self) -> tuple[list[ServerState], dict[str, Any]] | None:
+    def load_checkpoint(self) -> tuple["CheckpointStates", dict[str, Any]] | None:
+        """The newest complete checkpoint as a lazy sequence of group states (each read on access)."""
         latest = self.ckpt_dir / "LATEST"
         if not latest.is_file():
             return None
         ck = self.ckpt_dir / latest.read_text().strip()
         meta = json.loads((ck / "meta.json").read_text())
-        tensors = load_file(str(ck / "state.safetensors"))
-        states = []
-        for g in range(meta["groups"]):
-            w = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"g{g}/w/")}
-            opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"g{g}/opt/")}
-            states.append(ServerState(meta["round"], w, opt))
-        return states, meta
+        return CheckpointStates(ck, meta["groups"], meta["round"]), meta
+
+
+class CheckpointStates:
+    """Read-only sequence of the group states in one checkpoint directory, loaded one at a time."""
+
+    def __init__(self, path: Path, count: int, round_: int):
+        self.path, self.count, self.round = path, count, round_
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, g: int) -> ServerState:
+        if not 0 <= g < self.count:
+            raise IndexError(g)
+        tensors = load_file(str(self.path / f"state-g{g}.safetensors"))
+        weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
+        opt = {k[4:]: v for k, v in tensors.items() if k.startswith("opt/")}
+        return ServerState(self.round, weights, opt)
+
+    def __iter__(self):
+        return (self[g] for g in range(self.count))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from fedfm.engines import build_engine
 from fedfm.errors import FedFMError, TrainingError
 from fedfm.models import save_pretrained, set_weights
 from fedfm.rundir import RunDir, atomic_write_text
+from fedfm.store import GroupStates, StateStore
 from fedfm.strategies import FedAvg, build_strategy
 from fedfm.types import ClientTask, ClientUpdate, ServerState, Weights
 
@@ -111,129 +113,147 @@ class Runner:
         self.strategy = build_strategy(self.cfg.strategy) if method == "federated" else FedAvg()
         self.engine = build_engine(self.cfg.engine.name, app)
 
-    def initial_states(self) -> list[ServerState]:
+    def new_states(self, round_: int = 0) -> GroupStates:
+        budget = self.cfg.engine.state_memory_mb * 2**20
+        return GroupStates(StateStore(budget, self.dir.path / "client_states"), len(self.groups), round_)
+
+    def initial_states(self) -> GroupStates:
+        states = self.new_states()
         w = self.app.initial_weights
-        return [ServerState(0, dict(w), self.strategy.init(w)) for _ in self.groups]
+        for g in range(len(self.groups)):
+            states[g] = ServerState(0, dict(w), self.strategy.init(w))
+        return states
+
+    def restore(self, checkpoint) -> GroupStates:
+        states = self.new_states(checkpoint.round)
+        for g, st in enumerate(checkpoint):
+            states[g] = st
+        return states
 
     # --- one round ----------------------------------------------------------------------------
-    def round(self, states: list[ServerState], progress: Progress | None) -> tuple[list[ServerState], dict[str, Any]]:
-        r = states[0].round + 1
+    def round(self, states: GroupStates, progress: Progress | None) -> dict[str, Any]:
+        """Train, screen, aggregate and evaluate every group, one group at a time; ``states`` is updated in place."""
+        r = states.round + 1
         t0 = time.perf_counter()
         options = self.strategy.client_options()
-        jobs, owner = [], []
-        for g, (group, st) in enumerate(zip(self.groups, states)):
-            for i in sample(group, r, self.cfg):
-                jobs.append((i, ClientTask(r, st.weights, group.num_examples, **options)))
-                owner.append(g)
-        bar = progress.add_task(f"round {r} clients", total=len(jobs)) if progress else None
-        updates, bytes_down = self.engine.train(jobs, on_done=(lambda u: progress.advance(bar)) if progress else None)
+        picks = [sample(group, r, self.cfg) for group in self.groups]
+        bar = progress.add_task(f"round {r} clients", total=sum(map(len, picks))) if progress else None
+        on_done = (lambda u: progress.advance(bar)) if progress else None
+        due = r % self.cfg.eval.every == 0 or r == self.cfg.rounds
+        seen, rejected, evals, bytes_down = [], [], [], 0
+        for g, (group, members) in enumerate(zip(self.groups, picks)):
+            st = states[g]
+            jobs = [(i, ClientTask(r, st.weights, group.num_examples, **options)) for i in members]
+            updates, down = self.engine.train(jobs, on_done=on_done)
+            bytes_down += down
+            seen += updates
+            valid = self.screen(r, group, st.weights, updates, rejected)
+            states[g] = new = self.strategy.aggregate(st, valid)
+            if due:
+                evals.append(self.app.server_evaluate(new.weights))
+        states.round = r
         if progress:
             progress.remove_task(bar)
-
-        rejected, new_states = [], []
-        for g, st in enumerate(states):
-            valid = []
-            for u, o in zip(updates, owner):
-                if o != g:
-                    continue
-                reason = validate(u, st.weights)
-                if reason:
-                    log.warning("round %d: rejected update from %s: %s", r, u.client, reason)
-                    rejected.append({"client": u.client, "reason": reason})
-                else:
-                    valid.append(u)
-            needed = min(self.cfg.federation.min_clients, len(self.groups[g].members))
-            if len(valid) < needed:
-                raise TrainingError(f"round {r}: only {len(valid)} valid updates in group {self.groups[g].name} (need {needed})")
-            new_states.append(self.strategy.aggregate(st, valid))
-
-        record: dict[str, Any] = {
+        m = _mean(evals) if evals else {"loss": None, "accuracy": None, "macro_f1": None}
+        return {
             "method": self.method,
             "round": r,
-            "clients": [u.client for u in updates],
-            "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
-            "eval_loss": None,
-            "accuracy": None,
-            "macro_f1": None,
+            "clients": [u.client for u in seen],
+            "train_loss": float(np.mean([u.metrics["train_loss"] for u in seen])),
+            "eval_loss": m["loss"],
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
             "bytes_down": bytes_down,
-            "bytes_up": sum(u.bytes_up for u in updates),
-            "examples": int(sum(u.metrics["examples_seen"] for u in updates)),
-            "lr": updates[-1].metrics["lr"],
+            "bytes_up": sum(u.bytes_up for u in seen),
+            "examples": int(sum(u.metrics["examples_seen"] for u in seen)),
+            "lr": seen[-1].metrics["lr"],
             "rejected": rejected,
+            "round_time_s": time.perf_counter() - t0,
         }
-        if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
-            m = _mean([self.app.server_evaluate(st.weights) for st in new_states])
-            record.update(eval_loss=m["loss"], accuracy=m["accuracy"], macro_f1=m["macro_f1"])
-        record["round_time_s"] = time.perf_counter() - t0
-        return new_states, record
+
+    def screen(self, r: int, group: Group, reference: Weights, updates: list[ClientUpdate], rejected: list) -> list[ClientUpdate]:
+        """Drop invalid updates with a logged reason; stop the round if too few valid ones remain."""
+        valid = []
+        for u in updates:
+            reason = validate(u, reference)
+            if reason:
+                log.warning("round %d: rejected update from %s: %s", r, u.client, reason)
+                rejected.append({"client": u.client, "reason": reason})
+            else:
+                valid.append(u)
+        needed = min(self.cfg.federation.min_clients, len(group.members))
+        if len(valid) < needed:
+            raise TrainingError(f"round {r}: only {len(valid)} valid updates in group {group.name} (need {needed})")
+        return valid
 
     # --- the whole run ------------------------------------------------------------------------
-    def run(self, states: list[ServerState], history: list[dict[str, Any]]) -> dict[str, Any]:
+    def run(self, states: GroupStates, history: list[dict[str, Any]]) -> dict[str, Any]:
         wall = history[-1]["wall_time_s"] if history else 0.0
         show = self.console.is_terminal
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-        with Progress(*columns, console=self.console, disable=not show) if show else nullcontext() as progress:
-            rounds_bar = progress.add_task(f"{self.method} rounds", total=self.cfg.rounds, completed=states[0].round) if show else None
-            while states[0].round < self.cfg.rounds:
+        with Progress(*columns, console=self.console) if show else nullcontext() as progress:
+            rounds_bar = progress.add_task(f"{self.method} rounds", total=self.cfg.rounds, completed=states.round) if show else None
+            while states.round < self.cfg.rounds:
+                done = states.round
                 try:
-                    states, record = self.round(states, progress)
+                    record = self.round(states, progress)
                 except Exception as exc:
                     reason = str(exc) if isinstance(exc, FedFMError) else f"{type(exc).__name__}: {exc}"
-                    self.dir.set_status("incomplete", self.method, states[0].round, reason)
+                    self.dir.set_status("incomplete", self.method, done, reason)
                     raise
                 wall += record["round_time_s"]
                 record["wall_time_s"] = wall
                 self.dir.save_checkpoint(states, {"method": self.method, "seed": self.cfg.seed, "fedfm": __version__})
                 self.dir.append_metrics(record)
-                self.dir.set_status("running", self.method, states[0].round)
-                if not show:
+                self.dir.set_status("running", self.method, states.round)
+                if show:
+                    progress.advance(rounds_bar)
+                else:
                     acc = "" if record["accuracy"] is None else f" acc={record['accuracy']:.3f}"
                     self.console.print(f"\\[{self.method}] round {record['round']}/{self.cfg.rounds} loss={record['train_loss']:.4f}{acc}")
-                else:
-                    progress.advance(rounds_bar)
         return self.finish(states, wall)
 
-    def finish(self, states: list[ServerState], wall: float) -> dict[str, Any]:
+    def finish(self, states: GroupStates, wall: float) -> dict[str, Any]:
         """Final evaluation (global test in full, each client's own split), final model, summary, report."""
         app = self.app
         n = len(app.split.client_names)
-        if self.method == "local":
-            per_group = [app.server_evaluate(st.weights, full=True) for st in states]
-            own = self.engine.evaluate([(i, states[i].weights) for i in range(n)])
-            glob_each = per_group
-        else:
-            g = app.server_evaluate(states[0].weights, full=True)
-            own = self.engine.evaluate([(i, states[0].weights) for i in range(n)])
-            glob_each, per_group = [g] * n, [g]
+        per_group, own, glob_each = [], [None] * n, [None] * n
+        for g, group in enumerate(self.groups):
+            st = states[g]
+            per_group.append(app.server_evaluate(st.weights, full=True))
+            # federated/centralized: one model judged on every client's split; local: each client's own model
+            clients = group.members if self.method == "local" else range(n)
+            for i, m in zip(clients, self.engine.evaluate([(i, st.weights) for i in clients])):
+                own[i], glob_each[i] = m, per_group[-1]
+            self.save_final(group, st)
         per_client = [
             {"client": app.shards[i].name, "n_train": len(app.shards[i].train), "n_test": len(app.shards[i].test), "own": own[i], "global": glob_each[i]}
             for i in range(n)
         ]
-        own_nonempty = [o for o, c in zip(own, per_client) if c["n_test"] > 0]
         metrics = self.dir.metrics()
         summary = {
             "method": self.method,
             "rounds": self.cfg.rounds,
             "wall_time_s": wall,
             "global": _mean(per_group),
-            "own_mean": _mean(own_nonempty),
+            "own_mean": _mean([c["own"] for c in per_client if c["n_test"] > 0]),
             "per_client": per_client,
             "trainable_params": app.trainable_params,
             "total_params": app.total_params,
             "bytes_total": int(sum(m["bytes_down"] + m["bytes_up"] for m in metrics)),
         }
-        self.save_final(states)
         atomic_write_text(self.dir.path / "summary.json", json.dumps(summary, indent=1))
-        self.dir.set_status("complete", self.method, states[0].round)
+        shutil.rmtree(self.dir.path / "client_states", ignore_errors=True)
+        self.dir.set_status("complete", self.method, states.round)
         report.write_run_report(self.dir.path)
         return summary
 
-    def save_final(self, states: list[ServerState]) -> None:
-        final = self.dir.path / "final"
-        targets = [(final, states[0])] if len(states) == 1 else [(final / grp.name, st) for grp, st in zip(self.groups, states)]
-        for path, st in targets:
-            set_weights(self.app.model, st.weights)
-            save_pretrained(self.app.model, self.app.tokenizer, path)
+    def save_final(self, group: Group, state: ServerState) -> None:
+        path = self.dir.path / "final"
+        if len(self.groups) > 1:
+            path = path / group.name
+        set_weights(self.app.model, state.weights)
+        save_pretrained(self.app.model, self.app.tokenizer, path)
 
 
 def run_method(app: App, method: str, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
@@ -253,11 +273,11 @@ def resume(app: App, run_dir: Path, console: Console | None = None) -> dict[str,
     if loaded is None:
         states, history = runner.initial_states(), rd.truncate_metrics(0)
     else:
-        states, _meta = loaded
-        if len(states) != len(runner.groups):
-            raise FedFMError(f"checkpoint in {run_dir} has {len(states)} groups, the config gives {len(runner.groups)}")
-        history = rd.truncate_metrics(states[0].round)
-    rd.set_status("running", status["method"], states[0].round)
+        checkpoint, _meta = loaded
+        if len(checkpoint) != len(runner.groups):
+            raise FedFMError(f"checkpoint in {run_dir} has {len(checkpoint)} groups, the config gives {len(runner.groups)}")
+        states, history = runner.restore(checkpoint), rd.truncate_metrics(checkpoint.round)
+    rd.set_status("running", status["method"], states.round)
     return runner.run(states, history)
 
 

@@ -69,3 +69,33 @@ class StateStore:
     def spilled(self) -> int:
         """How many entries currently live on disk."""
         return len(self._on_disk)
+
+
+class GroupStates:
+    """The server states of a run's groups, held in a ``StateStore``.
+
+    Federated and centralized runs have one group; the local baseline has one per client, whose
+    weights (full models, for full fine-tuning) may not all fit in memory: they spill to disk.
+    """
+
+    def __init__(self, store: StateStore, count: int, round_: int):
+        self.store, self.count, self.round = store, count, round_
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, g: int):
+        from fedfm.types import ServerState
+
+        flat = self.store.get(f"g{g}")
+        weights = {k[2:]: v for k, v in flat.items() if k.startswith("w.")}
+        opt = {k[2:]: v for k, v in flat.items() if k.startswith("o.")}
+        return ServerState(self.round, weights, opt)
+
+    def __setitem__(self, g: int, state) -> None:
+        flat = {f"w.{k}": v for k, v in state.weights.items()}
+        flat.update({f"o.{k}": v for k, v in state.opt.items()})
+        self.store.put(f"g{g}", flat)
+
+    def __iter__(self):
+        return (self[g] for g in range(self.count))
