@@ -70,7 +70,7 @@ def real_config(quick: bool, threads: int) -> RunConfig:
                  "client_test_fraction": 0.2, "max_length": 64},
         "model": {"source": "minilm"},
         "peft": {"method": "lora"},
-        "train": {"local_steps": 1 if quick else 4, "batch_size": 8 if quick else 32, "lr": 0.002,
+        "train": {"local_steps": 1 if quick else 3, "batch_size": 8 if quick else 16, "lr": 0.002,
                   "schedule": "constant", "max_grad_norm": 1.0},
         "strategy": {"name": "fedavg"},
         "federation": {"num_clients": 2 if quick else 10, "fraction": 1.0},
@@ -79,10 +79,10 @@ def real_config(quick: bool, threads: int) -> RunConfig:
     })
 
 
-def small_config(model_dir: Path, quick: bool, threads: int, peft: str) -> RunConfig:
+def small_config(model_dir: Path, quick: bool, threads: int, peft: str, n_clients: int | None = None) -> RunConfig:
     """Part 2: a tiny BERT, 1,000 clients, 1 local step each."""
     src = data_source()
-    n_clients = 50 if quick else 1000
+    n_clients = n_clients or (50 if quick else 1000)
     # ~4-6 training examples per client: 80 % of max_examples is the training pool
     max_examples = (6 if src == "tweets" else 2.5) * n_clients / 0.8
     return from_dict({
@@ -124,7 +124,8 @@ def engine_round(app: App, engine: EmbeddedEngine, state: ServerState, clients: 
 
 def runner_round(runner: Runner) -> Weights:
     """fedfm's own round: sampling, engine, validation, aggregation, metrics record (no evaluation)."""
-    states, record = runner.round(runner.initial_states(), None)
+    states = runner.initial_states()
+    record = runner.round(states, None)  # updates ``states`` in place
     assert record["accuracy"] is None, "Runner.round evaluated; the benchmark must exclude evaluation"
     return states[0].weights
 
@@ -170,10 +171,10 @@ def max_diff(a: Weights, b: Weights) -> float:
 
 
 # --- timing ------------------------------------------------------------------------------------
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
-    """One untimed warm-up of each, then ``reps`` rounds of all paths, order rotated every repetition."""
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Untimed warm-up of each path (unless done by the caller), then ``reps`` rounds of all paths, order rotated."""
     names = list(fns)
-    for n in names:
+    for n in names if warmup else []:
         fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
@@ -218,7 +219,7 @@ def part_wall(args) -> dict[str, Any]:
             "bare": lambda: bare_round(app, state.weights, clients),
             "engine": lambda: engine_round(app, engine, state, clients),
             "runner": lambda: runner_round(runner),
-        }, args.reps)
+        }, args.reps, warmup=False)  # the same-work check above was each path's warm-up
     out = {
         "config": cfg.to_dict(),
         "clients": len(clients),
@@ -251,6 +252,9 @@ def component_costs(app: App, state: ServerState, n: int = 200) -> dict[str, flo
             group["lr"] = lr
 
     pieces = {
+        "model.train() (client.py, once per client; the bare loop calls it once per round)": lambda: model.train(),
+        "torch.manual_seed (once per client, also in the bare loop)": lambda: torch.manual_seed(1),
+        "  for comparison: torch.default_generator.manual_seed": lambda: torch.default_generator.manual_seed(1),
         "codec round trip of one delta (encode+decode)": lambda: codec.decode(codec.encode(delta)),
         "set_weights (trainable_params walk + copy)": lambda: set_weights(model, w),
         "trainable_params(model) walk alone": lambda: trainable_params(model),
@@ -272,8 +276,8 @@ def component_costs(app: App, state: ServerState, n: int = 200) -> dict[str, flo
     return out
 
 
-def part_clients(args, model_dir: Path, peft: str) -> dict[str, Any]:
-    cfg = small_config(model_dir, args.quick, args.threads, peft)
+def part_clients(args, model_dir: Path, peft: str, n_clients: int | None = None) -> dict[str, Any]:
+    cfg = small_config(model_dir, args.quick, args.threads, peft, n_clients)
     t0 = time.perf_counter()
     app = App(cfg)
     n = len(app.shards)
@@ -287,12 +291,13 @@ def part_clients(args, model_dir: Path, peft: str) -> dict[str, Any]:
         runner = Runner(app, "federated", RunDir(Path(tmp) / "run"))
         w_bare = bare_round(app, state.weights, clients)
         w_eng = engine_round(app, engine, state, clients)
+        runner_round(runner)
         diff = max_diff(w_eng, w_bare)
         times = interleaved({
             "bare": lambda: bare_round(app, state.weights, clients),
             "engine": lambda: engine_round(app, engine, state, clients),
             "runner": lambda: runner_round(runner),
-        }, args.reps_clients)
+        }, args.reps_clients, warmup=False)  # warmed up by the same-work check above
     per_client = {
         k: statistics.median((a - b) / n * 1e3 for a, b in zip(times[k], times["bare"])) for k in ("engine", "runner")
     }
@@ -317,74 +322,97 @@ def part_clients(args, model_dir: Path, peft: str) -> dict[str, Any]:
 
 # --- part 3: peak memory in child processes -----------------------------------------------------
 def child(kind: str, args) -> None:
-    """Build the App of part 1, do the rounds of part 1 with one path only, print peak RSS as JSON."""
-    cfg = real_config(args.quick, args.threads)
+    """Build the App of part 1 (or, with --child-model, of part 2's full fine-tuning), run rounds with one path only,
+    print peak RSS as JSON."""
+    if args.child_model:
+        cfg = small_config(args.child_model, args.quick, args.threads, "none", args.full_ft)
+    else:
+        cfg = real_config(args.quick, args.threads)
     app = App(cfg)
     gc.collect()
     setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss cannot be reset and is usually set by loading the model and data; on Linux the
+    # high-water mark VmHWM can be (clear_refs 5), which gives the peak during the training rounds alone
+    hwm_reset = reset_hwm()
     clients = list(range(len(app.shards)))
     state = ServerState(0, dict(app.initial_weights), {})
     engine = EmbeddedEngine(app)
     kept = []
-    for _ in range(1 + args.reps):  # warm-up + reps, as in part 1
+    for _ in range(args.mem_rounds):  # rounds of part 1's work with this path only
         if kind == "engine":
             kept = [engine_round(app, engine, state, clients)]
         else:
             kept = [bare_round(app, state.weights, clients)]
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"kind": kind, "setup_maxrss_kb": setup_kb, "peak_maxrss_kb": peak_kb, "n_weights": len(kept[0])}))
+    train_kb = status_kb("VmHWM") if hwm_reset else None
+    print(json.dumps({"kind": kind, "setup_maxrss_kb": setup_kb, "peak_maxrss_kb": peak_kb,
+                      "training_hwm_kb": train_kb, "n_weights": len(kept[0])}))
 
 
-def part_memory(args) -> dict[str, Any]:
+def reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def part_memory(args, model_dir: Path | None = None) -> dict[str, Any]:
     runs: dict[str, list[dict]] = {"engine": [], "bare": []}
     order = [k for r in range(args.mem_reps) for k in (("engine", "bare") if r % 2 == 0 else ("bare", "engine"))]
     for kind in order:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--threads", str(args.threads),
-               "--reps", str(args.reps)] + (["--quick"] if args.quick else [])
+               "--mem-rounds", str(args.mem_rounds)] + (["--quick"] if args.quick else [])
+        if model_dir is not None:
+            cmd += ["--child-model", str(model_dir), "--full-ft", str(args.full_ft)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"child {kind} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         runs[kind].append(res)
-        log(f"[memory] child {kind}: setup {res['setup_maxrss_kb'] / 1024:.0f} MiB, peak {res['peak_maxrss_kb'] / 1024:.0f} MiB")
+        log(f"[memory{'/full-ft' if model_dir else ''}] child {kind}: setup {res['setup_maxrss_kb'] / 1024:.0f} MiB, peak {res['peak_maxrss_kb'] / 1024:.0f} MiB")
     med = {k: statistics.median(r["peak_maxrss_kb"] for r in v) for k, v in runs.items()}
     setup = {k: statistics.median(r["setup_maxrss_kb"] for r in v) for k, v in runs.items()}
     grow = {k: med[k] - setup[k] for k in med}
+    hwm = {k: [r["training_hwm_kb"] for r in v if r.get("training_hwm_kb")] for k, v in runs.items()}
+    hwm = {k: statistics.median(v) for k, v in hwm.items() if v}
     return {
+        "training_hwm_mib": {k: v / 1024 for k, v in hwm.items()},
+        "ratio_training_hwm": hwm["engine"] / hwm["bare"] if len(hwm) == 2 else None,
         "runs": runs,
         "peak_maxrss_mib": {k: v / 1024 for k, v in med.items()},
         "setup_maxrss_mib": {k: v / 1024 for k, v in setup.items()},
         "growth_during_training_mib": {k: v / 1024 for k, v in grow.items()},
         "ratio": med["engine"] / med["bare"],
+        "rounds_per_child": args.mem_rounds,
     }
 
 
 # --- report ------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = "unknown"
-    try:
-        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
-        ram = f"{kb / 1024 / 1024:.1f} GiB"
-    except (OSError, StopIteration):
-        pass
+    import peft
+    import transformers
+
+    sys.path.insert(0, str(HERE))
+    from machine import machine_info  # benchmarks/machine.py, shared by the benchmarks
+
     try:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         load = "unknown"
-    import transformers, peft  # noqa: E401
-
     return {
-        "nproc": os.cpu_count(), "cpu": cpu, "ram": ram, "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "torch_threads": torch.get_num_threads(), "load_avg_at_start": load,
+        **machine_info(), "nproc": os.cpu_count(), "ram": f"{machine_info()['mem_gib']} GiB",
+        "transformers": transformers.__version__, "peft": peft.__version__, "load_avg_at_start": load,
     }
 
 
@@ -414,8 +442,16 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         r.append((f"Orchestration per client, Runner.round ({f['clients']} clients x 1 step, tiny BERT full fine-tuning)",
                   f"{f['orchestration_ms_per_client']['runner']:.3f} ms", f"<= {TARGET_MS_PER_CLIENT:.0f} ms",
                   verdict(f["orchestration_ms_per_client"]["runner"] <= TARGET_MS_PER_CLIENT)))
-    r.append(("Peak RSS, engine child / bare child (MiniLM+LoRA, work of row 1)", f"{m['ratio']:.3f}x",
+    r.append(("Peak RSS (ru_maxrss), engine child / bare child (MiniLM+LoRA, work of row 1)", f"{m['ratio']:.3f}x",
               f"<= {TARGET_MEM:.1f}x", verdict(m["ratio"] <= TARGET_MEM)))
+    if m.get("ratio_training_hwm"):
+        r.append(("Peak RSS during the training rounds only (VmHWM reset after setup), engine / bare (MiniLM+LoRA)",
+                  f"{m['ratio_training_hwm']:.3f}x", f"<= {TARGET_MEM:.1f}x", verdict(m["ratio_training_hwm"] <= TARGET_MEM)))
+    mf = res.get("memory_full_ft")
+    if mf:
+        n = res["clients"]["none"]["clients"]
+        r.append((f"Peak RSS (ru_maxrss), engine / bare (tiny BERT full fine-tuning, {n} clients x 1 step)",
+                  f"{mf['ratio']:.3f}x", f"<= {TARGET_MEM:.1f}x", verdict(mf["ratio"] <= TARGET_MEM)))
     return r
 
 
@@ -444,8 +480,11 @@ def markdown(res: dict[str, Any]) -> str:
         table(res), "",
         "## How each number was measured", "",
         "All speed numbers are ratios (or differences) of paths run alternately in this one process: an untimed "
-        "warm-up of each path, then repetitions with the order rotated each time; the result is the median of the "
-        "per-repetition ratios (differences). `gc.collect()` runs before every timed call; evaluation is never timed.",
+        "run of each path (the same-work check below, which doubles as warm-up), then repetitions with the order "
+        "rotated each time; the result is the median of the per-repetition ratios (differences). `gc.collect()` runs "
+        "before every timed call; evaluation is never timed. torch runs with "
+        f"{mach['torch_threads']} intra-op thread(s) for every path (`--threads`): on this shared 2-core machine two "
+        "OpenMP threads per process made identical rounds swing by up to 10x, one thread keeps them within a few percent.",
         "",
         "**Paths.** *bare*: a hand-written PyTorch loop on the same `App.model` object and the same shards: per client "
         "copy the global trainable tensors in, `torch.manual_seed(derive_seed(seed, round, client))`, a fresh AdamW, the "
@@ -484,13 +523,26 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"**Peak memory (last row).** Each path runs in its own fresh child process "
         f"(`{Path(sys.executable).name} benchmarks/overhead.py --child engine|bare`), which builds the same `App` as rows 1-2 and "
-        f"does the same rounds (warm-up + repetitions) with one path only; peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss` "
+        f"runs {m['rounds_per_child']} of the same rounds with one path only; peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss` "
         f"at the end, median of {len(m['runs']['engine'])} child(ren) per path. "
         f"Peak RSS: engine {m['peak_maxrss_mib']['engine']:.0f} MiB, bare {m['peak_maxrss_mib']['bare']:.0f} MiB; "
         f"after building the App (before training): engine {m['setup_maxrss_mib']['engine']:.0f} MiB, bare "
         f"{m['setup_maxrss_mib']['bare']:.0f} MiB; so training added {m['growth_during_training_mib']['engine']:.0f} MiB "
         f"(engine) vs {m['growth_during_training_mib']['bare']:.0f} MiB (bare) to the high-water mark.",
     ]
+    if m.get("ratio_training_hwm"):
+        out[-1] += (" Because ru_maxrss is set by loading the model and data, each child also resets the kernel's "
+                    "high-water mark after building the App (`echo 5 > /proc/self/clear_refs`) and reads `VmHWM` from "
+                    "`/proc/self/status` after training: the peak resident memory while training was "
+                    f"{m['training_hwm_mib']['engine']:.0f} MiB (engine) vs {m['training_hwm_mib']['bare']:.0f} MiB (bare).")
+    mf = res.get("memory_full_ft")
+    if mf:
+        out[-1] += (f" The same children on the tiny BERT with full fine-tuning ({res['clients']['none']['clients']} clients, "
+                    f"{mf['rounds_per_child']} rounds): peak RSS engine {mf['peak_maxrss_mib']['engine']:.0f} MiB vs bare "
+                    f"{mf['peak_maxrss_mib']['bare']:.0f} MiB (after setup {mf['setup_maxrss_mib']['engine']:.0f} / "
+                    f"{mf['setup_maxrss_mib']['bare']:.0f} MiB). The bare loop accumulates the weighted delta as it goes; "
+                    "the engine returns every client's decoded update and `FedAvg.aggregate` runs after the last one, so "
+                    "the engine holds all updates of a round at once.")
     comps = c.get("components_us") or {}
     if comps:
         out += ["", "## Per-client pieces of the engine/client path (tiny BERT + LoRA, microseconds per call)", "",
@@ -506,19 +558,25 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small smoke version (~1 min)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads, the same for every path (default 2)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per path, real model (default 5; quick 1)")
-    ap.add_argument("--reps-clients", type=int, default=None, help="timed repetitions per path, 1,000 clients (default 5; quick 1)")
-    ap.add_argument("--mem-reps", type=int, default=None, help="child processes per path for peak memory (default 1)")
-    ap.add_argument("--full-ft", action="store_true", help="also measure 1,000 clients with full fine-tuning of the tiny BERT")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads, the same for every path (default 1: on a shared 2-core machine two "
+                         "OpenMP threads per process make step times swing by 10x)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per path, real model (default 4; quick 1)")
+    ap.add_argument("--reps-clients", type=int, default=None, help="timed repetitions per path, 1,000 clients (default 4; quick 1)")
+    ap.add_argument("--mem-reps", type=int, default=1, help="child processes per path for peak memory (default 1)")
+    ap.add_argument("--mem-rounds", type=int, default=2, help="rounds each memory child runs (default 2)")
+    ap.add_argument("--full-ft", type=int, default=None, metavar="CLIENTS",
+                    help="also measure full fine-tuning of the tiny BERT at this many clients x 1 step "
+                         "(default 200; quick 10; 0 = skip)")
     ap.add_argument("--out", type=Path, default=None,
                     help="output prefix (default benchmarks/results/overhead; --quick writes nothing unless given)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     ap.add_argument("--child", choices=["engine", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-model", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.reps = args.reps if args.reps is not None else (1 if args.quick else 5)
-    args.reps_clients = args.reps_clients if args.reps_clients is not None else (1 if args.quick else 5)
-    args.mem_reps = args.mem_reps if args.mem_reps is not None else 1
+    args.reps = args.reps if args.reps is not None else (1 if args.quick else 4)
+    args.full_ft = args.full_ft if args.full_ft is not None else (10 if args.quick else 200)
+    args.reps_clients = args.reps_clients if args.reps_clients is not None else (1 if args.quick else 4)
     torch.set_num_threads(args.threads)
 
     if args.child:
@@ -537,8 +595,10 @@ def main() -> int:
         model_dir = make_small_model(Path(tmp))
         res["clients"] = {"lora": part_clients(args, model_dir, "lora")}
         if args.full_ft:
-            res["clients"]["none"] = part_clients(args, model_dir, "none")
-    res["memory"] = part_memory(args)
+            res["clients"]["none"] = part_clients(args, model_dir, "none", args.full_ft)
+        res["memory"] = part_memory(args)
+        if args.full_ft:
+            res["memory_full_ft"] = part_memory(args, model_dir)
     res["total_s"] = time.perf_counter() - t_start
     res["verdicts"] = [{"measure": a, "result": b, "target": c, "verdict": d} for a, b, c, d in rows(res)]
 

@@ -195,3 +195,24 @@ def test_local_baseline_spilling_client_states_to_disk_gives_identical_models(tm
         b = load_file(tmp_path / "mem" / "checkpoints" / "round-0002" / f"state-g{g}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "disk" / "client_states").exists()  # spill files are removed at the end
+
+
+def test_poisoned_update_is_rejected_and_never_reaches_the_global_model(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "rounds=1", "train.local_steps=1")
+    app = App(cfg)
+    honest = App.client_train
+
+    def poisoned(self, index, task):
+        update = honest(self, index, task)
+        if index == 1:  # client_1 sends NaN in one tensor
+            name = next(iter(update.delta))
+            update.delta[name] = torch.full_like(update.delta[name], float("nan"))
+        return update
+
+    monkeypatch.setattr(App, "client_train", poisoned)
+    server.run_method(app, "federated", tmp_path / "r")
+    record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
+    assert record["rejected"] == [{"client": "client_1", "reason": record["rejected"][0]["reason"]}]
+    assert "NaN" in record["rejected"][0]["reason"]
+    state = final_state(tmp_path / "r")
+    assert all(torch.isfinite(t).all() for t in state.values())

@@ -163,8 +163,9 @@ class Runner:
             "eval_loss": m["loss"],
             "accuracy": m["accuracy"],
             "macro_f1": m["macro_f1"],
-            "bytes_down": bytes_down,
-            "bytes_up": sum(u.bytes_up for u in seen),
+            # baselines communicate nothing: centralized already holds the data, local owners train alone
+            "bytes_down": bytes_down if self.method == "federated" else 0,
+            "bytes_up": sum(u.bytes_up for u in seen) if self.method == "federated" else 0,
             "examples": int(sum(u.metrics["examples_seen"] for u in seen)),
             "lr": seen[-1].metrics["lr"],
             "rejected": rejected,
