@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Overhead of fedfm's embedded engine versus a bare PyTorch loop doing the same client steps.
 
 Targets (from the issue):
@@ -10,12 +9,18 @@ Targets (from the issue):
    i.e. (engine round - bare round) / 1000;
 3. peak memory (ru_maxrss of a fresh process doing the work of 1.) <= 1.2x the bare loop's.
 
+Each speed target is measured for two fedfm paths: engine + FedAvg (the jobs Runner.round builds,
+EmbeddedEngine.train, FedAvg.aggregate) and Runner.round itself (plus sampling, validation, records;
+evaluation switched off). Extra rows, beyond the targets: the tiny model with full fine-tuning
+(orchestration per client and peak memory), and the cost of each per-client piece timed in isolation.
+
 Speed is measured only as ratios taken inside one run: the paths being compared are run
 alternately (order rotated every repetition, after an untimed warm-up of each), and the reported
 number is the median of the per-repetition ratios. Memory is measured in separate child processes
-(this script re-invokes itself with ``--child``), each loading the same model and data.
+(this script re-invokes itself with ``--child``), each loading the same model and data, spawned
+before this process loads any model (a child's ru_maxrss starts at its parent's high-water mark).
 
-    python benchmarks/overhead.py            # full run (~5-10 min on 2 cores), writes results/overhead.{md,json}
+    python benchmarks/overhead.py            # full run (~8 min on 2 cores), writes results/overhead.{md,json}
     python benchmarks/overhead.py --quick    # smoke version (~1 min), writes nothing unless --out is given
 """
 
@@ -26,15 +31,15 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -70,7 +75,7 @@ def real_config(quick: bool, threads: int) -> RunConfig:
                  "client_test_fraction": 0.2, "max_length": 64},
         "model": {"source": "minilm"},
         "peft": {"method": "lora"},
-        "train": {"local_steps": 1 if quick else 3, "batch_size": 8 if quick else 16, "lr": 0.002,
+        "train": {"local_steps": 1 if quick else 3, "batch_size": 8, "lr": 0.002,
                   "schedule": "constant", "max_grad_norm": 1.0},
         "strategy": {"name": "fedavg"},
         "federation": {"num_clients": 2 if quick else 10, "fraction": 1.0},
@@ -238,6 +243,7 @@ def part_wall(args) -> dict[str, Any]:
         "cpu_s": cpu,
         "cpu_ratio_engine": median_ratio(cpu["engine"], cpu["bare"]),
         "cpu_ratio_runner": median_ratio(cpu["runner"], cpu["bare"]),
+        "components_us": component_costs(app, state, n=50) if not args.quick else {},
     }
     log(f"[wall] median s: {out['median_s']}  engine/bare {out['ratio_engine']:.3f}  runner/bare {out['ratio_runner']:.3f}")
     return out
@@ -476,6 +482,18 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fmt_list(xs: list[float], spec: str) -> str:
+    return "[" + ", ".join(spec.format(x) for x in xs) + "]"
+
+
+def ratios(part: dict[str, Any], key: str) -> list[float]:
+    return [a / b for a, b in zip(part["times_s"][key], part["times_s"]["bare"])]
+
+
+def diffs(part: dict[str, Any], key: str) -> list[float]:
+    return [(a - b) / part["clients"] * 1e3 for a, b in zip(part["times_s"][key], part["times_s"]["bare"])]
+
+
 def markdown(res: dict[str, Any]) -> str:
     w, c, m, mach = res["wall"], res["clients"]["lora"], res["memory"], res["machine"]
     wc = w["config"]
@@ -488,22 +506,23 @@ def markdown(res: dict[str, Any]) -> str:
         "# fedfm overhead benchmark", "",
         f"Command: `{res['command']}`  ",
         f"Date (UTC): {res['date_utc']}  ",
-        f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram']} RAM, Python {mach['python']}, "
+        (f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram']} RAM, Python {mach['python']}, "
         f"torch {mach['torch']} ({mach['torch_threads']} intra-op thread(s) for every path), transformers {mach['transformers']}, "
-        f"peft {mach['peft']}; load average at start {mach['load_avg_at_start']} (machine shared with other work)  ",
+        f"peft {mach['peft']}; load average at start {mach['load_avg_at_start']} (machine shared with other work)  "),
         f"Total benchmark time: {res['total_s']:.0f} s", "",
         table(res), "",
         "## How each number was measured", "",
-        "All speed numbers are ratios (or differences) of paths run alternately in this one process: an untimed "
+        ("All speed numbers are ratios (or differences) of paths run alternately in this one process: an untimed "
         "run of each path (the same-work check below, which doubles as warm-up), then repetitions with the order "
         "rotated each time; the result is the median of the per-repetition ratios (differences). Process CPU time (`time.process_time`) is "
         "recorded alongside wall time and shown in brackets: with one torch thread it is less disturbed by other work "
         "on the machine. `gc.collect()` runs "
         "before every timed call; evaluation is never timed. torch runs with "
         f"{mach['torch_threads']} intra-op thread(s) for every path (`--threads`): on this shared 2-core machine two "
-        "OpenMP threads per process made identical rounds swing by up to 10x, one thread keeps them within a few percent.",
+        "OpenMP threads per process made identical rounds swing by up to 10x, with one thread they still vary by about +-10 % "
+        "(see the per-repetition numbers below), hence the medians of paired ratios."),
         "",
-        "**Paths.** *bare*: a hand-written PyTorch loop on the same `App.model` object and the same shards: per client "
+        ("**Paths.** *bare*: a hand-written PyTorch loop on the same `App.model` object and the same shards: per client "
         "copy the global trainable tensors in, `torch.manual_seed(derive_seed(seed, round, client))`, a fresh AdamW, the "
         "index batches of `fedfm.client.batch_order` with the same generator seed, `ClassificationTask.batch`, forward, "
         "loss, backward, `clip_grad_norm_`, step, `zero_grad`; the example-weighted delta is accumulated into a running "
@@ -514,41 +533,52 @@ def markdown(res: dict[str, Any]) -> str:
         f"{NO_EVAL:,} so round 1 does not evaluate. All three reach the same global weights "
         f"(max |difference| {w['max_abs_weight_diff']['engine_vs_bare']:.1e} engine vs bare, "
         f"{w['max_abs_weight_diff']['runner_vs_bare']:.1e} runner vs bare on the real model; "
-        f"{c['max_abs_weight_diff_engine_vs_bare']:.1e} on the tiny model), so they do the same work.",
+        f"{c['max_abs_weight_diff_engine_vs_bare']:.1e} on the tiny model), so they do the same work."),
         "",
-        f"**Wall time (rows 1-2).** all-MiniLM-L6-v2 + LoRA (`peft` defaults: r=8 on query/value + the new head; "
+        (f"**Wall time (rows 1-2).** all-MiniLM-L6-v2 + LoRA (`peft` defaults: r=8 on query/value + the new head; "
         f"{w['trainable_params']:,} trainable of {w['total_params']:,} params), data `{wc['data']['source']}` "
         f"(max_examples {wc['data']['max_examples']}, iid, max_length {wc['data']['max_length']}), "
         f"{w['clients']} clients x {w['steps_per_client']} local steps x batch {wc['train']['batch_size']}, one round, "
-        f"{len(w['times_s']['bare'])} timed repetitions per path. Median seconds per round: {secs(w['median_s'])}.",
+        f"{len(w['times_s']['bare'])} timed repetitions per path. Median seconds per round: {secs(w['median_s'])}. "
+        f"Per-repetition engine/bare ratios {fmt_list(ratios(w, 'engine'), '{:.3f}')}, runner/bare "
+        f"{fmt_list(ratios(w, 'runner'), '{:.3f}')}: identical rounds of the bare loop alone varied from "
+        f"{min(w['times_s']['bare']):.1f} to {max(w['times_s']['bare']):.1f} s, so on this shared machine the ratio is resolved "
+        "to several percent only. Cross-check from rows 3-4: the engine's orchestration per client "
+        f"({res['clients']['lora']['orchestration_ms_per_client']['engine']:.2f} ms engine, "
+        f"{res['clients']['lora']['orchestration_ms_per_client']['runner']:.2f} ms runner) times {w['clients']} clients over "
+        f"the bare round's {w['median_s']['bare']:.1f} s implies a ratio of "
+        f"{1 + max(res['clients']['lora']['orchestration_ms_per_client'].values()) * w['clients'] / 1e3 / w['median_s']['bare']:.4f}x "
+        "(per-client costs on MiniLM are of the same order: trainable_params walk, model.train(), codec of a 75k-parameter update)."),
         "",
-        f"**Orchestration per client (rows 3-{4 if 'none' not in res['clients'] else 6}).** A 2-layer BERT (hidden 64, 2 heads, "
+        (f"**Orchestration per client (rows 3-{4 if 'none' not in res['clients'] else 6}).** A 2-layer BERT (hidden 64, 2 heads, "
         "intermediate 128, MiniLM tokenizer/vocabulary, random seeded init) saved with `save_pretrained` to a temp dir "
         f"and used as `model.source`; data `{cc['data']['source']}` (max_examples {cc['data']['max_examples']}, iid, "
         f"client_test_fraction 0), {c['clients']} clients x 1 local step x batch {cc['train']['batch_size']}. "
         "Orchestration per client = (path round time - bare round time) / clients, median over "
         f"{len(c['times_s']['bare'])} paired repetitions. LoRA: {c['trainable_params']:,} trainable of "
         f"{c['total_params']:,} params; median seconds per round: {secs(c['median_s'])} "
-        f"(the bare loop itself costs {c['bare_ms_per_client']:.2f} ms per client).",
+        f"(the bare loop itself costs {c['bare_ms_per_client']:.2f} ms per client); per-repetition ms per client: engine "
+        f"{fmt_list(diffs(c, 'engine'), '{:.2f}')}, runner {fmt_list(diffs(c, 'runner'), '{:.2f}')}."),
     ]
     f = res["clients"].get("none")
     if f:
         out[-1] += (f" Full fine-tuning: {f['trainable_params']:,} trainable params (every update is "
                     f"{f['trainable_params'] * 4 / 1e6:.1f} MB); median seconds per round: {secs(f['median_s'])} "
-                    f"(bare {f['bare_ms_per_client']:.2f} ms per client).")
+                    f"(bare {f['bare_ms_per_client']:.2f} ms per client); per-repetition ms per client: engine "
+                    f"{fmt_list(diffs(f, 'engine'), '{:.2f}')}, runner {fmt_list(diffs(f, 'runner'), '{:.2f}')}.")
     out += [
         "",
-        f"**Peak memory (rows {5 if 'none' not in res['clients'] else 7}-{len(rows(res))}).** Each path runs in its own fresh child process "
+        (f"**Peak memory (rows {5 if 'none' not in res['clients'] else 7}-{len(rows(res))}).** Each path runs in its own fresh child process "
         f"(`{Path(sys.executable).name} benchmarks/overhead.py --child engine|bare`), which builds the same `App` as rows 1-2 and "
         f"runs {m['rounds_per_child']} of the same round(s) with one path only; peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss` "
         f"at the end, median of {len(m['runs']['engine'])} child(ren) per path. Linux carries a parent's RSS high-water mark "
         f"into its child's ru_maxrss across fork+exec, so the children are spawned first, while this process is still small "
-        f"({m['parent_maxrss_mib_at_spawn']:.0f} MiB); the children's own `VmHWM` gives the same ratio "
-        f"({(m.get('ratio_own_peak_hwm') or float('nan')):.3f}x). "
+        f"({m['parent_maxrss_mib_at_spawn']:.0f} MiB); the ratio of the children's own `VmHWM` is "
+        f"{(m.get('ratio_own_peak_hwm') or float('nan')):.3f}x. "
         f"Peak RSS: engine {m['peak_maxrss_mib']['engine']:.0f} MiB, bare {m['peak_maxrss_mib']['bare']:.0f} MiB; "
         f"after building the App (before training): engine {m['setup_maxrss_mib']['engine']:.0f} MiB, bare "
         f"{m['setup_maxrss_mib']['bare']:.0f} MiB; so training added {m['growth_during_training_mib']['engine']:.0f} MiB "
-        f"(engine) vs {m['growth_during_training_mib']['bare']:.0f} MiB (bare) to the high-water mark.",
+        f"(engine) vs {m['growth_during_training_mib']['bare']:.0f} MiB (bare) to the high-water mark."),
     ]
     if m.get("ratio_training_hwm"):
         out[-1] += (" Because ru_maxrss is set by loading the model and data, each child also resets the kernel's "
@@ -564,14 +594,15 @@ def markdown(res: dict[str, Any]) -> str:
                     f"{mf['training_hwm_mib'].get('bare', float('nan')):.0f} MiB). The bare loop accumulates the weighted delta as it goes; "
                     "the engine returns every client's decoded update and `FedAvg.aggregate` runs after the last one, so "
                     "the engine holds all updates of a round at once.")
-    comps = c.get("components_us") or {}
-    if comps:
-        out += ["", "## Per-client pieces of the engine/client path (tiny BERT + LoRA, microseconds per call)", "",
-                "| Piece | us |", "|---|---|"]
-        out += [f"| {k} | {v:.1f} |" for k, v in comps.items()]
-        if f and f.get("components_us"):
-            out += ["", "Same pieces, tiny BERT full fine-tuning:", "", "| Piece | us |", "|---|---|"]
-            out += [f"| {k} | {v:.1f} |" for k, v in f["components_us"].items()]
+    cols = [("MiniLM+LoRA", w.get("components_us") or {}), ("tiny BERT+LoRA", c.get("components_us") or {})]
+    if f:
+        cols.append(("tiny BERT full FT", f.get("components_us") or {}))
+    cols = [(name, comp) for name, comp in cols if comp]
+    if cols:
+        out += ["", "## Per-client pieces of the engine/client path (microseconds per call, timed in isolation)", "",
+                "| Piece | " + " | ".join(name for name, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for k in cols[0][1]:
+            out.append(f"| {k.strip()} | " + " | ".join(f"{comp[k]:.1f}" for _, comp in cols) + " |")
     out += ["", "Raw numbers (every repetition): `overhead.json` next to this file.", ""]
     return "\n".join(out)
 
@@ -582,7 +613,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads, the same for every path (default 1: on a shared 2-core machine two "
                          "OpenMP threads per process make step times swing by 10x)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per path, real model (default 3; quick 1)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per path, real model (default 5; quick 1)")
     ap.add_argument("--reps-clients", type=int, default=None, help="timed repetitions per path, 1,000 clients (default 3; quick 1)")
     ap.add_argument("--mem-reps", type=int, default=1, help="child processes per path for peak memory (default 1)")
     ap.add_argument("--mem-rounds", type=int, default=1, help="rounds each memory child runs (default 1)")
@@ -595,7 +626,7 @@ def main() -> int:
     ap.add_argument("--child", choices=["engine", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--child-model", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    args.reps = args.reps if args.reps is not None else (1 if args.quick else 5)
     args.full_ft = args.full_ft if args.full_ft is not None else (10 if args.quick else 100)
     args.reps_clients = args.reps_clients if args.reps_clients is not None else (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
@@ -607,7 +638,7 @@ def main() -> int:
     t_start = time.perf_counter()
     res: dict[str, Any] = {
         "command": " ".join(["python benchmarks/overhead.py", *sys.argv[1:]]),
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "targets": {"wall_ratio": TARGET_WALL, "ms_per_client": TARGET_MS_PER_CLIENT, "memory_ratio": TARGET_MEM},
     }

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="quality", help="result file stem under --out")
     args = ap.parse_args()
 
     rows = []
@@ -66,7 +67,7 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    write(rows, args)
+                write(rows, args)
 
 
 def write(rows: list[dict], args) -> None:
@@ -81,9 +82,10 @@ def write(rows: list[dict], args) -> None:
         f"- machine: {info['summary']}",
         f"- date: {info['date']}",
         "- setup: all-MiniLM-L6-v2 + LoRA r=8 (query, value), 10 clients, Dirichlet alpha=0.3 label skew, "
-        "FedAvg, 1 local epoch per round; centralized sees the same number of examples per round; "
+        "FedAvg with the rounds and local epochs of each config (configs/bench_*.yaml); centralized sees the same number of examples per round; "
         "accuracy on the global test split (20% of the corpus, never seen by any client).",
         "- target: federated >= 95% of centralized accuracy, and clearly above local-only.",
+        "- time: wall time of the three methods on a machine shared with other benchmarks (not a speed figure).",
         "",
         "| dataset | seed | rounds | federated | centralized | fed / central | local-only (global test) | "
         "local-only (own test) | federated (own test) | fed macro-F1 | time |",
@@ -104,9 +106,9 @@ def write(rows: list[dict], args) -> None:
                 f"({'meets' if r['fed_over_central'] >= 0.95 else 'MISSES'} 0.95); "
                 f"federated - local-only = {100 * (r['federated'] - r['local_global']):+.1f} points" for r in rows]
     lines += ["", "## Verdict", "", *[f"- {v}" for v in verdicts], ""]
-    (args.out / "quality.md").write_text("\n".join(lines))
-    (args.out / "quality.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
-    print("\n".join(lines))
+    (args.out / f"{args.name}.md").write_text("\n".join(lines))
+    (args.out / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ def validate(update: ClientUpdate, reference: Weights) -> str | None:
             return f"tensor {k} has shape {tuple(t.shape)}, expected {tuple(reference[k].shape)}"
         if not t.is_floating_point():
             return f"tensor {k} has dtype {t.dtype}"
-        if not torch.isfinite(t).all():
+        # any NaN/Inf makes the sum non-finite; the full elementwise check runs only then (a sum can also
+        # overflow on finite values, which must not be rejected), keeping the common case cheap
+        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             return f"tensor {k} contains NaN or Inf"
     if update.num_examples <= 0:
         return "num_examples must be positive"
