@@ -436,8 +436,9 @@ def machine() -> dict[str, Any]:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         load = "unknown"
+    info = machine_info()
     return {
-        **machine_info(), "nproc": os.cpu_count(), "ram": f"{machine_info()['mem_gib']} GiB",
+        **info, "nproc": os.cpu_count(), "ram": f"{info['mem_gib']} GiB",
         "transformers": transformers.__version__, "peft": peft.__version__, "load_avg_at_start": load,
     }
 

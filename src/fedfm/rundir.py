@@ -103,7 +103,7 @@ class RunDir:
         One safetensors file per group, written one group at a time, so groups that live on disk (see
         ``fedfm.store.GroupStates``) are never all in memory at once.
         """
-        round_ = meta.get("round", None)
+        round_ = 0  # taken from the states as they are written (GroupStates loads each group lazily)
         self.ckpt_dir.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=".round-"))
         for g, st in enumerate(states):

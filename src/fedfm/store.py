@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from fedfm.types import Weights
+from fedfm.types import ServerState, Weights
 
 
 def nbytes(w: Weights) -> int:
@@ -84,15 +84,13 @@ class GroupStates:
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, g: int):
-        from fedfm.types import ServerState
-
+    def __getitem__(self, g: int) -> ServerState:
         flat = self.store.get(f"g{g}")
         weights = {k[2:]: v for k, v in flat.items() if k.startswith("w.")}
         opt = {k[2:]: v for k, v in flat.items() if k.startswith("o.")}
         return ServerState(self.round, weights, opt)
 
-    def __setitem__(self, g: int, state) -> None:
+    def __setitem__(self, g: int, state: ServerState) -> None:
         flat = {f"w.{k}": v for k, v in state.weights.items()}
         flat.update({f"o.{k}": v for k, v in state.opt.items()})
         self.store.put(f"g{g}", flat)
