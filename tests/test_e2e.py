@@ -216,3 +216,25 @@ def test_poisoned_update_is_rejected_and_never_reaches_the_global_model(tmp_path
     assert "NaN" in record["rejected"][0]["reason"]
     state = final_state(tmp_path / "r")
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_ffa_lora_freezes_a_and_sends_only_b_and_head(tmp_path):
+    cfg = tiny(tmp_path, "rounds=1", "train.local_steps=1", "peft.freeze=[lora_A]")
+    app = App(cfg)
+    names = set(app.initial_weights)
+    assert names and not any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    # MiniLM: 6 layers x (query, value) -> 12 B matrices travel; no A matrix does
+    assert sum("lora_B" in n for n in names) == 12
+    run_dir = tmp_path / "r"
+    summary = server.run_method(app, "federated", run_dir)
+    result = CliRunner().invoke(cli_app, ["eval", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((run_dir / "eval.json").read_text())["rows"]
+    assert rows[0]["accuracy"] == pytest.approx(summary["global"]["accuracy"], abs=1e-6)
+
+
+def test_freeze_pattern_that_matches_nothing_is_an_error(tmp_path):
+    from fedfm.errors import ModelError
+
+    with pytest.raises(ModelError, match="matches no trainable tensor"):
+        App(tiny(tmp_path, "peft.freeze=[no_such_tensor]"))

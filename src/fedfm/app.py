@@ -16,7 +16,16 @@ import torch
 from fedfm import client as client_loop
 from fedfm.config import RunConfig
 from fedfm.data import FederatedSplit, TextDataset, load_dataset, split
-from fedfm.models import count_params, get_weights, load_classifier, load_tokenizer, set_weights
+from fedfm.models import (
+    count_params,
+    get_weights,
+    load_causal_lm,
+    load_classifier,
+    load_lm_tokenizer,
+    load_tokenizer,
+    set_weights,
+)
+from fedfm.tasks.causal_lm import Blocks, CausalLMTask, pack
 from fedfm.tasks.classification import ClassificationTask, Encoded, encode
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
@@ -26,8 +35,8 @@ class Shard:
     """One participant's data: what it trains on and what it is evaluated on."""
 
     name: str
-    train: Encoded
-    test: Encoded
+    train: Encoded | Blocks
+    test: Encoded | Blocks
 
 
 class App:
@@ -38,17 +47,36 @@ class App:
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
         self.dataset: TextDataset = load_dataset(cfg.data, cfg.seed)
-        self.split: FederatedSplit = split(self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model.source)
-        encoded = encode(self.tokenizer, self.dataset.texts, self.dataset.labels, cfg.data.max_length)
+        self.split: FederatedSplit = split(
+            self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed, cfg.server_data.fraction
+        )
+        if cfg.task == "classification":
+            self.tokenizer = load_tokenizer(cfg.model.source)
+            encoded = encode(self.tokenizer, self.dataset.texts, self.dataset.labels, cfg.data.max_length)
+            data = encoded.subset
+            self.task = ClassificationTask(len(self.dataset.label_names))
+            self.model = load_classifier(cfg.model.source, self.dataset.label_names, cfg.peft, cfg.seed)
+        else:
+            texts = self.dataset.texts
+            # a trained BPE sees the training pool only (clients' and server's training text), never test text
+            pool = [texts[i] for part in (*self.split.client_train, self.split.server) for i in part]
+            self.tokenizer = load_lm_tokenizer(cfg.model.source, cfg.model.tokenizer, pool, cfg.model.vocab_size)
+
+            def data(idx):  # each participant's documents packed on their own: no block spans two owners
+                return pack(self.tokenizer, [texts[i] for i in idx], cfg.data.max_length)
+
+            self.task = CausalLMTask()
+            self.model = load_causal_lm(cfg.model.source, self.tokenizer, cfg.model.arch, cfg.peft, cfg.seed)
         self.shards = [
-            Shard(name, encoded.subset(tr), encoded.subset(te))
+            Shard(name, data(tr), data(te))
             for name, tr, te in zip(self.split.client_names, self.split.client_train, self.split.client_test)
         ]
-        self.global_test = encoded.subset(self.split.global_test)
+        self.global_test = data(self.split.global_test)
+        self.server_index: int | None = None  # Algorithm 2: the server's own data, never sent anywhere
+        if len(self.split.server):
+            self.shards.append(Shard("server", data(self.split.server), data(self.split.server[:0])))
+            self.server_index = len(self.shards) - 1
         self.eval_subset = self._eval_subset(cfg)
-        self.task = ClassificationTask(len(self.dataset.label_names))
-        self.model = load_classifier(cfg.model.source, self.dataset.label_names, cfg.peft, cfg.seed)
         self.initial_weights: Weights = get_weights(self.model)
         self.trainable_params, self.total_params = count_params(self.model)
 
@@ -61,11 +89,8 @@ class App:
 
     def add_pooled_shard(self) -> int:
         """Append the centralized baseline's participant: all clients' training data pooled."""
-        pooled = Encoded(
-            torch.cat([s.train.input_ids for s in self.shards]),
-            torch.cat([s.train.attention_mask for s in self.shards]),
-            torch.cat([s.train.labels for s in self.shards]),
-        )
+        clients = self.shards[: len(self.split.client_names)]
+        pooled = type(clients[0].train).cat([s.train for s in clients])
         self.shards.append(Shard("pooled", pooled, self.global_test.subset([])))
         return len(self.shards) - 1
 

@@ -76,7 +76,8 @@ def train(
     budget = ctask.num_examples or examples_per_round(n, cfg)
     s = derive_seed(seed, ctask.round, client_index)
     torch.manual_seed(s)  # dropout
-    batches = batch_order(n, budget, cfg.batch_size, torch.Generator().manual_seed(s))
+    batch_size = ctask.config.get("batch_size") or cfg.batch_size
+    batches = batch_order(n, budget, batch_size, torch.Generator().manual_seed(s))
 
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()

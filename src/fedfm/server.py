@@ -5,7 +5,12 @@ A run trains one or more *groups*. A group is a set of participants that share o
 - ``federated``: one group holding every client (the strategy aggregates their updates);
 - ``centralized``: one group holding a single participant with all clients' training data pooled,
   seeing the same number of examples per round as the federation;
-- ``local``: one group per client (each owner alone, its own model).
+- ``local``: one group per client (each owner alone, its own model);
+- ``server``: one group holding the server's own data only (Algorithm 2's data, without the federation).
+
+Algorithm 2 (``server_data``): in federated runs the server also trains on its own data every round,
+before aggregation (its update joins the client aggregate as a weighted pseudo-client) or after it
+(its update is added to the aggregated model). Server data never enters an engine or leaves the server.
 
 Each round, for every group: configure tasks -> engine runs clients -> validate updates ->
 strategy.aggregate -> evaluate -> checkpoint. Everything random is derived from (seed, round,
@@ -20,7 +25,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,7 @@ from fedfm.strategies import FedAvg, build_strategy
 from fedfm.types import ClientTask, ClientUpdate, ServerState, Weights
 
 log = logging.getLogger("fedfm")
-METHODS = ("federated", "centralized", "local")
+METHODS = ("federated", "centralized", "local", "server")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Group:
     name: str
     members: list[int]  # participant (shard) indices
     num_examples: int | None = None  # per-participant examples per round (None: from train config)
+    batch_size: int | None = None  # per-participant batch size (None: train.batch_size)
 
 
 def plan_groups(app: App, method: str) -> list[Group]:
@@ -64,7 +70,15 @@ def plan_groups(app: App, method: str) -> list[Group]:
         share = num_sampled(n, app.cfg) / n
         pooled = next((i for i, s in enumerate(app.shards) if s.name == "pooled"), None)
         pooled = app.add_pooled_shard() if pooled is None else pooled
-        return [Group("pooled", [pooled], max(1, round(share * sum(per_client))))]
+        examples = max(1, round(share * sum(per_client)))
+        if app.cfg.compare.centralized == "synchronous":  # data-parallel: one big step per client step
+            return [Group("pooled", [pooled], examples, app.cfg.train.batch_size * num_sampled(n, app.cfg))]
+        return [Group("pooled", [pooled], examples)]
+    if method == "server":
+        if app.server_index is None:
+            raise FedFMError("method 'server' needs server data: set server_data.fraction > 0")
+        steps = app.cfg.server_data.steps or math.ceil(len(app.shards[app.server_index].train) / app.cfg.train.batch_size)
+        return [Group("server", [app.server_index], steps * app.cfg.train.batch_size)]
     raise FedFMError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
 
 
@@ -100,6 +114,25 @@ def validate(update: ClientUpdate, reference: Weights) -> str | None:
     return None
 
 
+def with_server(updates: list[ClientUpdate], server: ClientUpdate, share: float) -> list[ClientUpdate]:
+    """The updates to aggregate when the server's own update must make up ``share`` of the weighted mean.
+
+    With client weights n_i summing to N, a pseudo-client weight w_s = share / (1 - share) * N gives
+    w_s / (w_s + N) = share; share 0 drops the server update and share 1 keeps only it.
+    """
+    if share <= 0:
+        return list(updates)
+    if share >= 1:
+        return [server]
+    total = float(sum(u.num_examples for u in updates))
+    return [*updates, replace(server, num_examples=share / (1.0 - share) * total)]
+
+
+def add_scaled(weights: Weights, delta: Weights, scale: float) -> Weights:
+    """weights + scale * delta (Algorithm 2 'after': the server's update on top of the aggregate)."""
+    return {k: w + scale * delta[k] for k, w in weights.items()}
+
+
 def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]} if dicts else {}
 
@@ -114,6 +147,8 @@ class Runner:
         # baselines aggregate their single participant with plain FedAvg (w + delta)
         self.strategy = build_strategy(self.cfg.strategy) if method == "federated" else FedAvg()
         self.engine = build_engine(self.cfg.engine.name, app)
+        # Algorithm 2 runs inside federated training only (the 'server' method is its data alone)
+        self.server_steps = self.cfg.server_data.steps if method == "federated" and app.server_index is not None else 0
 
     def new_states(self, round_: int = 0) -> GroupStates:
         budget = self.cfg.engine.state_memory_mb * 2**20
@@ -145,26 +180,33 @@ class Runner:
         seen, rejected, evals, bytes_down = [], [], [], 0
         for g, (group, members) in enumerate(zip(self.groups, picks)):
             st = states[g]
-            jobs = [(i, ClientTask(r, st.weights, group.num_examples, **options)) for i in members]
+            extra = {"batch_size": group.batch_size} if group.batch_size else {}
+            jobs = [(i, ClientTask(r, st.weights, group.num_examples, config=extra, **options)) for i in members]
             updates, down = self.engine.train(jobs, on_done=on_done)
             bytes_down += down
             seen += updates
             valid = self.screen(r, group, st.weights, updates, rejected)
-            states[g] = new = self.strategy.aggregate(st, valid)
+            if self.server_steps:
+                new, server_log = self.aggregate_with_server(r, st, valid)
+            else:
+                new = self.strategy.aggregate(st, valid)
+            states[g] = new
             if due:
                 evals.append(self.app.server_evaluate(new.weights))
         states.round = r
         if progress:
             progress.remove_task(bar)
-        m = _mean(evals) if evals else {"loss": None, "accuracy": None, "macro_f1": None}
+        m = _mean(evals) if evals else {}
         return {
             "method": self.method,
             "round": r,
             "clients": [u.client for u in seen],
             "train_loss": float(np.mean([u.metrics["train_loss"] for u in seen])),
-            "eval_loss": m["loss"],
-            "accuracy": m["accuracy"],
-            "macro_f1": m["macro_f1"],
+            "eval_loss": m.get("loss"),
+            "accuracy": m.get("accuracy"),
+            "macro_f1": m.get("macro_f1"),
+            **({"perplexity": m.get("perplexity")} if self.cfg.task == "causal_lm" else {}),
+            **(server_log if self.server_steps else {}),
             # baselines communicate nothing: centralized already holds the data, local owners train alone
             "bytes_down": bytes_down if self.method == "federated" else 0,
             "bytes_up": sum(u.bytes_up for u in seen) if self.method == "federated" else 0,
@@ -173,6 +215,29 @@ class Runner:
             "rejected": rejected,
             "round_time_s": time.perf_counter() - t0,
         }
+
+    def aggregate_with_server(self, r: int, st: ServerState, valid: list[ClientUpdate]) -> tuple[ServerState, dict]:
+        """Algorithm 2: mix the server's own training into the round (its data never leaves this process).
+
+        before: the server trains from the round's global model; its update joins the aggregate as a
+          pseudo-client whose weight makes its share of the averaged update exactly ``share``;
+        after: the clients are aggregated first; the server trains from the result and
+          ``share`` x its update is added.
+        ``share`` is ``server_data.weight``, or n_server / (n_server + sum n_clients) when unset.
+        """
+        sd, app = self.cfg.server_data, self.app
+        budget = sd.steps * self.cfg.train.batch_size
+        n_clients = float(sum(u.num_examples for u in valid))
+        n_server = len(app.shards[app.server_index].train)
+        share = sd.weight if sd.weight is not None else n_server / (n_server + n_clients)
+        if sd.when == "before":
+            su = app.client_train(app.server_index, ClientTask(r, st.weights, budget))
+            new = self.strategy.aggregate(st, with_server(valid, su, share))
+        else:
+            new = self.strategy.aggregate(st, valid)
+            su = app.client_train(app.server_index, ClientTask(r, new.weights, budget))
+            new = ServerState(new.round, add_scaled(new.weights, su.delta, share), new.opt)
+        return new, {"server_share": share, "server_loss": su.metrics["train_loss"]}
 
     def screen(self, r: int, group: Group, reference: Weights, updates: list[ClientUpdate], rejected: list) -> list[ClientUpdate]:
         """Drop invalid updates with a logged reason; stop the round if too few valid ones remain."""

@@ -28,7 +28,7 @@ class ClientUpdate:
 
     client: str
     delta: Weights
-    num_examples: int  # size of the client's training shard (FedAvg weight)
+    num_examples: float  # size of the client's training shard (FedAvg weight; Algorithm 2 may set a fractional one)
     metrics: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
 

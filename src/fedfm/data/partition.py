@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class FederatedSplit:
     client_train: list[np.ndarray]
     client_test: list[np.ndarray]
     client_names: list[str]
+    server: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # Algorithm 2: server-held data
 
     def num_clients(self) -> int:
         return len(self.client_train)
@@ -80,11 +81,14 @@ def _run_partitioner(partitioner, pool_ds) -> list[np.ndarray]:
         return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(n)]
 
 
-def split(ds: TextDataset, cfg: DataConfig, num_clients: int | None, seed: int) -> FederatedSplit:
+def split(
+    ds: TextDataset, cfg: DataConfig, num_clients: int | None, seed: int, server_fraction: float = 0.0
+) -> FederatedSplit:
     """Partition ``ds`` per ``cfg.partition`` over ``num_clients`` clients, deterministically in ``seed``.
 
     1. global test: stratified random ``cfg.test_fraction``;
-    2. remaining pool -> clients (iid / dirichlet / natural / quantity);
+    2. remaining pool: a random ``server_fraction`` of it is held by the server (Algorithm 2), the rest
+       goes to the clients (iid / dirichlet / natural / quantity);
     3. each shard -> client train/test by ``cfg.client_test_fraction`` (>= 1 train kept).
     Raises :class:`DataError` when a partitioner fails or a client ends up without training data.
     """
@@ -106,6 +110,11 @@ def split(ds: TextDataset, cfg: DataConfig, num_clients: int | None, seed: int) 
     # cuts each label's examples in dataset order, so file order (e.g. sorted by label or topic)
     # would otherwise leak into the shards.
     pool = np.random.default_rng([seed, _STEP_POOL]).permutation(pool)
+    # the server's share is a uniform random slice of the pool (public or central data, not owner-skewed)
+    n_server = round(server_fraction * len(pool))
+    server, pool = np.sort(pool[:n_server]), pool[n_server:]
+    if server_fraction > 0 and n_server == 0:
+        raise DataError(f"server_data.fraction={server_fraction} of {len(pool)} training examples rounds to 0")
     columns = {"label": ds.labels[pool], "idx": pool}
     if ds.keys is not None:
         columns["key"] = [str(k) for k in ds.keys[pool]]
@@ -181,7 +190,7 @@ def split(ds: TextDataset, cfg: DataConfig, num_clients: int | None, seed: int) 
                 f"({len(pool)} training-pool examples over {k} clients); {_advice(method)}"
             )
     return FederatedSplit(
-        global_test=global_test, client_train=client_train, client_test=client_test, client_names=names
+        global_test=global_test, client_train=client_train, client_test=client_test, client_names=names, server=server
     )
 
 

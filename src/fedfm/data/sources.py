@@ -266,6 +266,21 @@ def _load_bbc() -> TextDataset:
 _FILE_LOADERS = {"csv": _load_csv, "jsonl": _load_jsonl, "parquet": _load_parquet, "hf_disk": _load_hf_disk}
 
 
+TEXT_CORPORA = ("shakespeare", "brown", "austen")
+
+
+def _load_text_corpus(cfg: DataConfig) -> TextDataset:
+    """A text corpus for language modelling: documents labelled by their natural owner.
+
+    The owner is both the key (natural partition) and the label, so the stratified global test set
+    holds every owner's text and Dirichlet partitioning skews owners over clients.
+    """
+    from fedfm.data.corpora import load_corpus
+
+    corpus = load_corpus(cfg.source, cfg.owner)
+    return _make_dataset(corpus.documents, corpus.owners, corpus.owners, corpus.name, cfg.source)
+
+
 def load_dataset(cfg: DataConfig, seed: int) -> TextDataset:
     """Load the corpus named by ``cfg.source``; subsample to ``cfg.max_examples`` (seeded) if set.
 
@@ -277,6 +292,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> TextDataset:
         ds = _load_tweets()
     elif cfg.source == "bbc":
         ds = _load_bbc()
+    elif cfg.source in TEXT_CORPORA:
+        ds = _load_text_corpus(cfg)
     elif cfg.source in _FILE_LOADERS:
         if not cfg.path:
             raise DataError(f"data.path is required for data.source={cfg.source}")

@@ -9,6 +9,7 @@ A strategy is a frozen dataclass of hyper-parameters with three methods:
 Adding one is one file plus one line in ``STRATEGIES``.
 """
 
+from fedfm.strategies.diloco import DiLoCo
 from fedfm.strategies.fedavg import FedAvg, FedAvgM, FedProx, weighted_mean
 from fedfm.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 
@@ -19,6 +20,7 @@ STRATEGIES = {
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
+    "diloco": DiLoCo,
 }
 
 
@@ -29,4 +31,4 @@ def build_strategy(cfg):
     return cls(**{k: v for k, v in cfg.model_dump().items() if k in fields})
 
 
-__all__ = ["STRATEGIES", "build_strategy", "weighted_mean", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad"]
+__all__ = ["STRATEGIES", "build_strategy", "weighted_mean", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "DiLoCo"]

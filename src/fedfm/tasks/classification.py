@@ -23,6 +23,14 @@ class Encoded:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return Encoded(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
 
+    @staticmethod
+    def cat(parts: list["Encoded"]) -> "Encoded":
+        return Encoded(
+            torch.cat([p.input_ids for p in parts]),
+            torch.cat([p.attention_mask for p in parts]),
+            torch.cat([p.labels for p in parts]),
+        )
+
 
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
     """Tokenise every text once up front, so rounds never pay for tokenisation again."""
