@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/pretrain_austen.yaml")
     ap.add_argument("--inner", nargs="+", type=int, default=[10, 25, 50, 150], help="inner steps H per round")
     ap.add_argument("--steps", type=int, default=150, help="inner steps per owner over the whole run")
+    ap.add_argument("--outer", nargs="*", default=["fedavg", "fedavgm", "fedadam"],
+                    help="other outer optimisers, each run once at the largest H")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--name", default="pretrain")
     args = ap.parse_args()
@@ -57,9 +59,13 @@ def main() -> None:
         # one App (data, tokenizer, model) for every run: the runs differ only in rounds and local_steps
         app = None
         # centralized synchronous: rounds only set the evaluation cadence (10 points), every step is a sync
-        plans = [("centralized", args.steps // 10, 10)] + [("federated", h, args.steps // h) for h in args.inner]
-        for method, h, rounds in plans:
-            cfg = config.load(args.config, [*base, f"rounds={rounds}", f"train.local_steps={h}"])
+        plans = [("centralized", args.steps // 10, 10, "diloco")] + [("federated", h, args.steps // h, "diloco") for h in args.inner]
+        h_outer = max(h for h in args.inner if args.steps // h >= 2)  # outer optimisers need >= 2 rounds to differ
+        plans += [("federated", h_outer, args.steps // h_outer, name) for name in args.outer]
+        outer_lr = {"diloco": 0.7, "fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
+        for method, h, rounds, outer in plans:
+            cfg = config.load(args.config, [*base, f"rounds={rounds}", f"train.local_steps={h}",
+                                            f"strategy.name={outer}", f"strategy.server_lr={outer_lr[outer]}"])
             if app is None:
                 app = App(cfg)
                 model_bytes = 4 * app.trainable_params
@@ -67,12 +73,14 @@ def main() -> None:
                 start = app.server_evaluate(app.initial_weights)
             app.cfg = cfg
             t0 = time.perf_counter()
-            run_dir = Path(tmp) / f"{method}-{h}"
+            run_dir = Path(tmp) / f"{method}-{outer}-{h}"
             summary = server.run_method(app, method, run_dir)
             hist = history(run_dir)
             runs.append(
                 {
                     "method": method,
+                    "outer": outer if method == "federated" else "—",
+                    "outer_lr": outer_lr[outer],
                     "inner_steps": h if method == "federated" else 1,
                     "rounds": len(hist),
                     "perplexity": summary["global"]["perplexity"],
@@ -111,14 +119,14 @@ def write(runs: list[dict], args, model_bytes: int, owners: int, start: dict) ->
         f"{model_bytes / 2**20:.1f} MiB).",
         "- target: perplexity within 10% of centralized while synchronising >= 50x less often than per-step.",
         "",
-        "| method | inner steps H | syncs | sync reduction vs per-step | perplexity | / centralized | own-split ppl | communicated | tokens | time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | outer optimiser | inner steps H | syncs | sync reduction vs per-step | perplexity | / centralized | own-split ppl | communicated | tokens | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         ratio = r["perplexity"] / cent["perplexity"] if cent else float("nan")
         fed = r["method"] == "federated"
         lines.append(
-            f"| {r['method']} | {r['inner_steps'] if fed else '1 (data-parallel)'} | {r['rounds'] if fed else args.steps} | "
+            f"| {r['method']} | {r['outer'] + (' lr ' + str(r['outer_lr']) if fed else '')} | {r['inner_steps'] if fed else '1 (data-parallel)'} | {r['rounds'] if fed else args.steps} | "
             f"{(str(r['inner_steps']) + 'x') if fed else '1x'} | {r['perplexity']:.1f} | {ratio:.3f} | "
             f"{r['own_perplexity']:.1f} | {(r['bytes'] / 2**20 if fed else per_step_bytes / 2**20):,.0f} MiB{'' if fed else ' (if distributed)'} | "
             f"{r['tokens']:,} | {r['seconds']:.0f} s |"
@@ -128,9 +136,9 @@ def write(runs: list[dict], args, model_bytes: int, owners: int, start: dict) ->
         if r["method"] == "federated" and cent:
             ratio = r["perplexity"] / cent["perplexity"]
             ok = ratio <= 1.10 and r["inner_steps"] >= 50
-            verdicts.append(f"H={r['inner_steps']}: perplexity {ratio:.3f}x centralized, {r['inner_steps']}x fewer syncs "
+            verdicts.append(f"{r['outer']} H={r['inner_steps']}: perplexity {ratio:.3f}x centralized, {r['inner_steps']}x fewer syncs "
                             f"-> {'meets' if ok else 'does not meet'} the target")
-    lines += ["", "## Verdict", "", *[f"- {v}" for v in verdicts], "", "![perplexity vs bytes](pretrain_curve.png)", ""]
+    lines += ["", "## Verdict", "", *[f"- {v}" for v in verdicts], "", f"![perplexity vs bytes]({args.name}_curve.png)", ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "start": start, "runs": runs}, indent=1))
     plot(runs, RESULTS / f"{args.name}_curve.png", per_step_bytes, cent)
@@ -148,7 +156,8 @@ def plot(runs: list[dict], path: Path, per_step_bytes: int, cent: dict | None) -
         if r["method"] != "federated":
             continue
         xs = [c["bytes"] / 2**20 for c in r["curve"]]
-        ax.plot(xs, [c["perplexity"] for c in r["curve"]], marker="o", label=f"DiLoCo H={r['inner_steps']}")
+        ax.plot(xs, [c["perplexity"] for c in r["curve"]], marker="o", label=f"{r['outer']} H={r['inner_steps']}",
+                ls="-" if r["outer"] == "diloco" else "--")
     if cent:
         ax.axhline(cent["perplexity"], color="k", ls="--", label="per-step synchronous (final)")
         ax.axvline(per_step_bytes / 2**20, color="k", ls=":", label="per-step synchronous bytes")

@@ -237,3 +237,19 @@ def test_cli_run_bad_override_exits_2(tmp_path):
     assert result.exit_code == 2
     assert result.output.count("error:") == 1
     assert "strategy.name" in result.output
+
+
+def test_causal_lm_config_errors_name_the_fix():
+    from fedfm import config as config_mod
+    from fedfm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set task=causal_lm"):
+        config_mod.load(None, ["data.source=shakespeare"])
+    with pytest.raises(ConfigError, match="needs model.tokenizer"):
+        config_mod.load(None, ["task=causal_lm", "data.source=austen", "model.source=scratch"])
+    with pytest.raises(ConfigError, match="server_data.fraction > 0"):
+        config_mod.load(None, ["server_data.steps=3"])
+    with pytest.raises(ConfigError, match="server_data.when"):
+        config_mod.load(None, ["server_data.when=during"])
+    cfg = config_mod.load(None, ["strategy.name=diloco", "server_data.fraction=0.02", "server_data.steps=4"])
+    assert cfg.strategy.name == "diloco" and cfg.server_data.active

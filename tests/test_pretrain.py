@@ -103,3 +103,23 @@ def test_blocks_cat_and_subset():
     c = Blocks.cat([a, b])
     assert c.input_ids.tolist() == [[1, 2], [3, 0], [4, 0]]
     assert c.subset([2]).lengths.tolist() == [2]
+
+
+def test_missing_smollm2_cache_says_how_to_fetch(tmp_path, monkeypatch):
+    from fedfm.errors import ModelError
+    from fedfm.models import resolve_model_path
+
+    monkeypatch.setenv("FEDFM_CACHE", str(tmp_path))
+    with pytest.raises(ModelError, match="fedfm data fetch --model smollm2"):
+        resolve_model_path("smollm2")
+
+
+def test_missing_corpus_says_how_to_fetch(tmp_path, monkeypatch):
+    from fedfm import config as config_mod
+    from fedfm.data import load_dataset
+    from fedfm.errors import DataError
+
+    monkeypatch.setenv("FEDFM_CACHE", str(tmp_path))
+    cfg = config_mod.load(None, ["task=causal_lm", "data.source=brown", "model.source=smollm2"])
+    with pytest.raises(DataError, match="fedfm data fetch --corpus brown"):
+        load_dataset(cfg.data, 0)

@@ -77,6 +77,10 @@ class App:
             self.shards.append(Shard("server", data(self.split.server), data(self.split.server[:0])))
             self.server_index = len(self.shards) - 1
         self.eval_subset = self._eval_subset(cfg)
+        if cfg.task == "classification":
+            # the federation's label distribution, from the counts clients report (logit adjustment)
+            clients = self.shards[: len(self.split.client_names)]
+            self.label_counts = sum(torch.bincount(s.train.labels, minlength=self.task.num_labels) for s in clients)
         self.initial_weights: Weights = get_weights(self.model)
         self.trainable_params, self.total_params = count_params(self.model)
 
@@ -97,8 +101,11 @@ class App:
     # --- functions executed at a client -------------------------------------------------------
     def client_train(self, index: int, task: ClientTask) -> ClientUpdate:
         shard = self.shards[index]
+        offset = None
+        if self.cfg.train.logit_adjustment and self.cfg.task == "classification":
+            offset = self.task.logit_offset(shard.train.labels, self.label_counts)
         return client_loop.train(
-            self.model, shard.train, self.task, task, self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name
+            self.model, shard.train, self.task, task, self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name, offset
         )
 
     def client_evaluate(self, index: int, weights: Weights) -> dict[str, float]:

@@ -97,10 +97,12 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory."))
 
     result = evaluate_run(run_dir)
     table = Table(title=f"evaluation of {run_dir}")
-    for col in ("model", "split", "loss", "accuracy", "macro-F1"):
+    lm = bool(result["rows"]) and "perplexity" in result["rows"][0]
+    for col in ("model", "split", "loss", *(("perplexity", "token accuracy") if lm else ("accuracy", "macro-F1"))):
         table.add_column(col)
     for row in result["rows"]:
-        table.add_row(row["model"], row["split"], f"{row['loss']:.4f}", f"{100 * row['accuracy']:.1f}%", f"{100 * row['macro_f1']:.1f}%")
+        last = (f"{row['perplexity']:.2f}", f"{100 * row['accuracy']:.1f}%") if lm else (f"{100 * row['accuracy']:.1f}%", f"{100 * row['macro_f1']:.1f}%")
+        table.add_row(row["model"], row["split"], f"{row['loss']:.4f}", *last)
     out.print(table)
 
 

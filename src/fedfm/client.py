@@ -66,6 +66,7 @@ def train(
     seed: int,
     client_index: int,
     client_name: str,
+    logit_offset: torch.Tensor | None = None,
 ) -> ClientUpdate:
     """Run one round of local training and return the update of the trainable tensors."""
     n = len(data)
@@ -86,7 +87,8 @@ def train(
         lr = lr_at((ctask.round - 1 + k / len(batches)) / rounds, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = task.loss(model, task.batch(data, idx))
+        batch = task.batch(data, idx)
+        loss = task.loss(model, batch) if logit_offset is None else task.loss(model, batch, logit_offset)
         if ctask.prox_mu > 0:  # FedProx: mu/2 * ||w - w_global||^2 keeps the client near the global model
             prox = sum((p - ctask.weights[name]).pow(2).sum() for name, p in params.items())
             loss = loss + 0.5 * ctask.prox_mu * prox

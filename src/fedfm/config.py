@@ -109,6 +109,12 @@ class TrainConfig(Section):
         "cosine", description="LR schedule over the whole run (continues across rounds)."
     )
     warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the run spent in linear warm-up.")
+    logit_adjustment: bool = Field(
+        False,
+        description="Classification under label skew: each client trains on logits + log p_client(y) - log p_global(y) "
+        "(logit adjustment, Menon et al. 2021; FedLC, Zhang et al. 2022), so the shared model's logits stay calibrated "
+        "to the federation's label distribution (clients report label counts, not examples).",
+    )
 
 
 class StrategyConfig(Section):

@@ -11,18 +11,21 @@ from fedfm.models import resolve_model_path
 from fedfm.rundir import RunDir
 
 
-def load_final(final: Path, source: str):
+def load_final(final: Path, source: str, task: str = "classification"):
     """A peft adapter directory (rebuilt on the base model) or a full model directory -> model."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        if source == "scratch":
+            raise FedFMError("an adapter on a 'scratch' model cannot be reloaded: its random base was never saved")
         base_cfg = AutoConfig.from_pretrained(final / "base_config")
-        base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(source), config=base_cfg)
+        base = auto.from_pretrained(resolve_model_path(source), config=base_cfg)
         return PeftModel.from_pretrained(base, final)
     if (final / "config.json").is_file():
-        return AutoModelForSequenceClassification.from_pretrained(final)
+        return auto.from_pretrained(final)
     raise FedFMError(f"no final model in {final}: is the run complete?")
 
 
@@ -34,10 +37,11 @@ def evaluate_run(run_dir: Path) -> dict:
     app = App(cfg)
     finals = [(run_dir / "final", None)]
     if not (run_dir / "final" / "config.json").exists() and not (run_dir / "final" / "adapter_config.json").exists():
-        finals = [(run_dir / "final" / s.name, i) for i, s in enumerate(app.shards)]  # local: one model per client
+        # local: one model per client
+        finals = [(run_dir / "final" / name, i) for i, name in enumerate(app.split.client_names)]
     rows = []
     for path, index in finals:
-        app.model = load_final(path, cfg.model.source)
+        app.model = load_final(path, cfg.model.source, cfg.task)
         name = path.name if index is not None else "final"
         rows.append({"model": name, "split": "global test", **app.task.evaluate(app.model, app.global_test, cfg.eval.batch_size)})
         clients = range(len(app.split.client_names)) if index is None else [index]

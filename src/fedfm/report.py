@@ -625,7 +625,7 @@ def comparison_table(comparison: dict) -> Table:
     if _is_lm(comparison.get("rows", [])):
         table = Table(title="Language modelling: perplexity on the global test set", box=box.SIMPLE_HEAD)
         table.add_column("Method", no_wrap=True)
-        for col in ("Perplexity", "Token acc", "Own ppl", "Sent", "Time", "ppl / cent."):
+        for col in ("PPL", "Tok acc", "Own PPL", "Sent", "Time", "/ cent."):
             table.add_column(col, justify="right", no_wrap=True)
         for r in comparison.get("rows", []):
             ratio = rel.get(r.get("method"))

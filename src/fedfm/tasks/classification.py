@@ -52,8 +52,18 @@ class ClassificationTask:
         return {"input_ids": data.input_ids[idx, :width], "attention_mask": mask[:, :width], "labels": data.labels[idx]}
 
     @staticmethod
-    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], logit_offset: torch.Tensor | None = None) -> torch.Tensor:
+        if logit_offset is None:
+            return model(**batch).loss
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits + logit_offset, batch["labels"])
+
+    def logit_offset(self, client_labels: torch.Tensor, global_counts: torch.Tensor) -> torch.Tensor:
+        """log p_client(y) - log p_global(y), both add-one smoothed (a class a client lacks gets a large
+        negative offset, so the client is not pushed to suppress it)."""
+        local = torch.bincount(client_labels, minlength=self.num_labels).double() + 1
+        glob = global_counts.double() + 1
+        return (local / local.sum()).log().float() - (glob / glob.sum()).log().float()
 
     def evaluate(self, model: torch.nn.Module, data: Encoded, batch_size: int = 128) -> dict[str, float]:
         """Mean cross-entropy, accuracy and macro-F1 of ``model`` on ``data``."""
