@@ -68,25 +68,16 @@ def test_seeded_runs_are_bitwise_identical(tmp_path):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa if k in sc)
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
-    full = server.run(tiny(tmp_path / "full", "rounds=3"))
-
+def test_resume_after_crash_equals_uninterrupted(tmp_path, power_cut_in_round_2):
     cfg = tiny(tmp_path / "crash", "rounds=3")
-    original = server.Runner.round
-
-    def crash_in_round_2(self, states, progress):
-        if states[0].round == 1:
-            raise RuntimeError("simulated power cut")
-        return original(self, states, progress)
-
-    monkeypatch.setattr(server.Runner, "round", crash_in_round_2)
     with pytest.raises(RuntimeError):
         server.run(cfg)
     run_dir = server.default_run_dir(cfg)
     status = RunDir(run_dir).status()
     assert status["status"] == "incomplete" and "power cut" in status["reason"] and status["round"] == 1
     assert not (run_dir / "summary.json").exists()
-    monkeypatch.setattr(server.Runner, "round", original)
+    power_cut_in_round_2()  # power back on
+    full = server.run(tiny(tmp_path / "full", "rounds=3"))
 
     server.resume(App(RunDir(run_dir).load_config()), run_dir)
     sf, sr = final_state(full), final_state(run_dir)

@@ -69,22 +69,14 @@ def test_pretraining_from_scratch_perplexity_falls(tmp_path):
     assert model.config.vocab_size == len(tok) <= 512
 
 
-def test_pretraining_resume_is_bitwise_identical(tmp_path, monkeypatch):
+def test_pretraining_resume_is_bitwise_identical(tmp_path, power_cut_in_round_2):
     # DiLoCo momentum, the trained BPE tokenizer and Algorithm 2's server step must all survive a crash
     extra = ["rounds=2", "server_data.fraction=0.1", "server_data.steps=2"]
-    full = server.run(config_mod.load(None, [*LM, *extra, f"output_dir={tmp_path}", "name=a"]))
     cfg = config_mod.load(None, [*LM, *extra, f"output_dir={tmp_path}", "name=b"])
-    original = server.Runner.round
-
-    def crash_in_round_2(self, states, progress):
-        if states[0].round == 1:
-            raise RuntimeError("simulated power cut")
-        return original(self, states, progress)
-
-    monkeypatch.setattr(server.Runner, "round", crash_in_round_2)
     with pytest.raises(RuntimeError):
         server.run(cfg)
-    monkeypatch.setattr(server.Runner, "round", original)
+    power_cut_in_round_2()  # power back on
+    full = server.run(config_mod.load(None, [*LM, *extra, f"output_dir={tmp_path}", "name=a"]))
     half = server.default_run_dir(cfg)
     server.resume(App(RunDir(half).load_config()), half)
 

