@@ -33,7 +33,8 @@ RESULTS = Path(__file__).parent / "results"
 # name -> (method, overrides)
 VARIANTS = {
     "fedavg": ("federated", ["server_data.steps=0"]),
-    "alg2-before (pseudo-client)": ("federated", ["server_data.when=before"]),
+    # weight null: the config's weight (1.0) would make the server's update the whole aggregate
+    "alg2-before (pseudo-client)": ("federated", ["server_data.when=before", "server_data.weight=null"]),
     "alg2-after (weight 1)": ("federated", ["server_data.when=after", "server_data.weight=1.0"]),
     "server-only": ("server", []),
 }
@@ -45,16 +46,23 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--name", default="algorithm2")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="run only these; rows of the other variants are kept from an earlier <name>.json")
     args = ap.parse_args()
     rows = []
+    earlier = RESULTS / f"{args.name}.json"
+    if set(args.variants) != set(VARIANTS) and earlier.is_file():
+        rows = [r for r in json.loads(earlier.read_text())["rows"] if r["variant"] not in args.variants]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             base = [f"seed={seed}", f"output_dir={tmp}", *args.overrides]
             app = App(config.load(args.config, base))
             for name, (method, extra) in VARIANTS.items():
+                if name not in args.variants:
+                    continue
                 app.cfg = cfg = config.load(args.config, [*base, *extra])
                 t0 = time.perf_counter()
-                summary = server.run_method(app, method, Path(tmp) / f"{seed}-{len(rows)}")
+                summary = server.run_method(app, method, Path(tmp) / f"{seed}-{name.split()[0]}")
                 rows.append({
                     "seed": seed,
                     "variant": name,
@@ -72,6 +80,8 @@ def main() -> None:
 def write(rows: list[dict], args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/algorithm2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if set(args.variants) != set(VARIANTS):
+        command = "python benchmarks/algorithm2.py --seeds 0 1 2 (all variants), then " + command
     info = machine_info()
     cfg = config.load(args.config, args.overrides)
     r0 = rows[0]
@@ -93,7 +103,7 @@ def write(rows: list[dict], args) -> None:
         "|---|" + "---|" * (len({r['seed'] for r in rows}) + 1),
     ]
     for name in VARIANTS:
-        sel = [r for r in rows if r["variant"] == name]
+        sel = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["seed"])
         if not sel:
             continue
         acc = np.array([r["accuracy"] for r in sel]) * 100

@@ -104,17 +104,20 @@ def write(runs: list[dict], args, model_bytes: int, owners: int, start: dict) ->
     info = machine_info()
     cent = next((r for r in runs if r["method"] == "centralized"), None)
     per_step_bytes = args.steps * 2 * owners * model_bytes  # every owner down + up after every step
+    source = config.load(args.config, args.overrides).model.source
+    start_from = ("a 5.8M-parameter Llama from scratch, byte-level BPE trained on the training pool" if source == "scratch"
+                  else f"warm start: every method starts from the model in `{source}` and its tokenizer")
     lines = [
         "# Federated pre-training: DiLoCo vs per-step synchronous training at equal tokens",
         "",
         f"- command: `{command.strip()}`",
         f"- machine: {info['summary']}",
         f"- date: {info['date']}",
-        f"- setup: `{args.config}` ({owners} owners, one per novel; a {model_bytes / 4 / 1e6:.1f}M-parameter Llama from scratch, "
-        f"byte-level BPE trained on the training pool), {args.steps} inner AdamW steps per owner in every run; "
+        f"- setup: `{args.config}` ({owners} owners, one per novel; {start_from}; {model_bytes / 4 / 1e6:.1f}M parameters), "
+        f"{args.steps} inner AdamW steps per owner in every run; "
         "DiLoCo outer Nesterov step (lr 0.7, momentum 0.9). Centralized = data-parallel training synchronised every step "
         "(one step of owners x batch blocks), the same tokens. Perplexity on the global held-out paragraphs "
-        f"(untrained model: {start['perplexity']:.0f}).",
+        f"(starting model: {start['perplexity']:.0f}).",
         f"- per-step synchronous training would move {per_step_bytes / 2**20:,.0f} MiB ({args.steps} syncs x 2 x {owners} owners x "
         f"{model_bytes / 2**20:.1f} MiB).",
         "- target: perplexity within 10% of centralized while synchronising >= 50x less often than per-step.",
