@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from fedfm.server import add_scaled, with_server
+from fedfm.server import with_server
 from fedfm.strategies import DiLoCo, FedAvg
+from fedfm.strategies.fedavg import apply
 from fedfm.tasks.causal_lm import IGNORE, Blocks, CausalLMTask, pack_ids
 from fedfm.types import ClientUpdate, ServerState
 
@@ -95,7 +96,7 @@ def test_algorithm2_before_mixing_by_hand():
 
 def test_algorithm2_after_adds_scaled_update():
     # aggregate 2.0, server update 5.0, share 0.25 -> 2.0 + 1.25 = 3.25
-    assert add_scaled({"w": torch.tensor([2.0])}, {"w": torch.tensor([5.0])}, 0.25)["w"].item() == 3.25
+    assert apply({"w": torch.tensor([2.0])}, {"w": torch.tensor([5.0])}, 0.25)["w"].item() == 3.25
 
 
 def test_blocks_cat_and_subset():

@@ -79,10 +79,16 @@ class App:
         self.eval_subset = self._eval_subset(cfg)
         if cfg.task == "classification":
             # the federation's label distribution, from the counts clients report (logit adjustment)
-            clients = self.shards[: len(self.split.client_names)]
-            self.label_counts = sum(torch.bincount(s.train.labels, minlength=self.task.num_labels) for s in clients)
+            counts = (torch.bincount(s.train.labels, minlength=self.task.num_labels) for s in self.client_shards)
+            self.label_counts = sum(counts)
+            self._logit_offsets: dict[int, torch.Tensor] = {}
         self.initial_weights: Weights = get_weights(self.model)
         self.trainable_params, self.total_params = count_params(self.model)
+
+    @property
+    def client_shards(self) -> list[Shard]:
+        """The clients' shards (the server's and the pooled baseline's, when present, come after them)."""
+        return self.shards[: len(self.split.client_names)]
 
     def _eval_subset(self, cfg: RunConfig) -> Encoded:
         n = len(self.global_test)
@@ -93,7 +99,7 @@ class App:
 
     def add_pooled_shard(self) -> int:
         """Append the centralized baseline's participant: all clients' training data pooled."""
-        clients = self.shards[: len(self.split.client_names)]
+        clients = self.client_shards
         pooled = type(clients[0].train).cat([s.train for s in clients])
         self.shards.append(Shard("pooled", pooled, self.global_test.subset([])))
         return len(self.shards) - 1
@@ -103,7 +109,9 @@ class App:
         shard = self.shards[index]
         offset = None
         if self.cfg.train.logit_adjustment and self.cfg.task == "classification":
-            offset = self.task.logit_offset(shard.train.labels, self.label_counts)
+            if index not in self._logit_offsets:  # a shard's labels never change: computed once per participant
+                self._logit_offsets[index] = self.task.logit_offset(shard.train.labels, self.label_counts)
+            offset = self._logit_offsets[index]
         return client_loop.train(
             self.model, shard.train, self.task, task, self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name, offset
         )

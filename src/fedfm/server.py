@@ -44,6 +44,7 @@ from fedfm.models import save_pretrained, set_weights
 from fedfm.rundir import RunDir, atomic_write_text
 from fedfm.store import GroupStates, StateStore
 from fedfm.strategies import FedAvg, build_strategy
+from fedfm.strategies.fedavg import apply
 from fedfm.types import ClientTask, ClientUpdate, ServerState, Weights
 
 log = logging.getLogger("fedfm")
@@ -126,11 +127,6 @@ def with_server(updates: list[ClientUpdate], server: ClientUpdate, share: float)
         return [server]
     total = float(sum(u.num_examples for u in updates))
     return [*updates, replace(server, num_examples=share / (1.0 - share) * total)]
-
-
-def add_scaled(weights: Weights, delta: Weights, scale: float) -> Weights:
-    """weights + scale * delta (Algorithm 2 'after': the server's update on top of the aggregate)."""
-    return {k: w + scale * delta[k] for k, w in weights.items()}
 
 
 def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
@@ -236,7 +232,7 @@ class Runner:
         else:
             new = self.strategy.aggregate(st, valid)
             su = app.client_train(app.server_index, ClientTask(r, new.weights, budget))
-            new = ServerState(new.round, add_scaled(new.weights, su.delta, share), new.opt)
+            new = ServerState(new.round, apply(new.weights, su.delta, share), new.opt)
         return new, {"server_share": share, "server_loss": su.metrics["train_loss"]}
 
     def screen(self, r: int, group: Group, reference: Weights, updates: list[ClientUpdate], rejected: list) -> list[ClientUpdate]:
