@@ -432,14 +432,10 @@ def machine() -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     from machine import machine_info  # benchmarks/machine.py, shared by the benchmarks
 
-    try:
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "unknown"
     info = machine_info()
     return {
         **info, "nproc": os.cpu_count(), "ram": f"{info['mem_gib']} GiB",
-        "transformers": transformers.__version__, "peft": peft.__version__, "load_avg_at_start": load,
+        "transformers": transformers.__version__, "peft": peft.__version__,
     }
 
 

@@ -8,7 +8,8 @@ decide where and when these run and carry their inputs and outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,7 +28,15 @@ from fedfm.models import (
 )
 from fedfm.tasks.causal_lm import Blocks, CausalLMTask, pack
 from fedfm.tasks.classification import ClassificationTask, Encoded, encode
+from fedfm.client import derive_seed
+from fedfm.errors import ClientDropout
+from fedfm.privacy import dp
+from fedfm.privacy.aggregate import SECAGG_KEY, PrivateRound, client_vector
 from fedfm.types import ClientTask, ClientUpdate, Weights
+
+
+# the protocol steps an engine may run at a client besides training and evaluation (bytes in, bytes out)
+PROTOCOL_FUNCTIONS = ("secagg_advertise", "secagg_share_keys", "secagg_receive_shares", "secagg_unmask")
 
 
 @dataclass
@@ -82,6 +91,7 @@ class App:
             counts = (torch.bincount(s.train.labels, minlength=self.task.num_labels) for s in self.client_shards)
             self.label_counts = sum(counts)
             self._logit_offsets: dict[int, torch.Tensor] = {}
+        self._secagg: dict[int, object] = {}  # each client's protocol state for the current round
         self.initial_weights: Weights = get_weights(self.model)
         self.trainable_params, self.total_params = count_params(self.model)
 
@@ -106,15 +116,82 @@ class App:
 
     # --- functions executed at a client -------------------------------------------------------
     def client_train(self, index: int, task: ClientTask) -> ClientUpdate:
+        if self.drops_out(task.round, index):
+            raise ClientDropout(f"client {index} vanished in round {task.round} (simulated)")
         shard = self.shards[index]
         offset = None
         if self.cfg.train.logit_adjustment and self.cfg.task == "classification":
             if index not in self._logit_offsets:  # a shard's labels never change: computed once per participant
                 self._logit_offsets[index] = self.task.logit_offset(shard.train.labels, self.label_counts)
             offset = self._logit_offsets[index]
-        return client_loop.train(
-            self.model, shard.train, self.task, task, self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name, offset
+        update = client_loop.train(
+            self.model, shard.train, self.task, task, self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name,
+            offset, self.cfg.dpsgd,
         )
+        if "private" in task.config:
+            update = self._privatize(index, task, update)
+        return update
+
+    def drops_out(self, round_: int, index: int) -> bool:
+        """Simulated fault (federation.dropout): a pure function of (seed, round, client), never of the server."""
+        p = self.cfg.federation.dropout
+        if p == 0 or index >= len(self.split.client_names):
+            return False
+        return bool(np.random.default_rng(derive_seed(self.cfg.seed, round_, index, 0xD80)).random() < p)
+
+    # --- privacy stages executed at a client ----------------------------------------------------
+    def _privatize(self, index: int, task: ClientTask, update: ClientUpdate) -> ClientUpdate:
+        """Clip and noise (DP under secure aggregation), then mask (secure aggregation)."""
+        plan = PrivateRound(**task.config["private"])
+        delta, bit = update.delta, 0.0
+        if plan.clip_norm is not None:
+            delta, norm = dp.clip(delta, plan.clip_norm)
+            bit = (1.0 if norm <= plan.clip_norm else 0.0) - 0.5  # centred: sensitivity 1/2
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, task.round, index, 0xD1))
+        if plan.noise_std > 0:
+            delta = {k: delta[k] + n for k, n in dp.gaussian_like(delta, plan.noise_std, gen).items()}
+        if plan.count_noise_std > 0:
+            bit += float(torch.randn((), generator=gen, dtype=torch.float64)) * plan.count_noise_std
+        public = {k: update.metrics[k] for k in ("steps", "examples_seen", "lr")}
+        if not plan.secagg:
+            return replace(update, delta=delta)
+        from fedfm.privacy.secagg import encode_fixed
+
+        t0 = time.perf_counter()
+        vector = client_vector(delta, plan, update.num_examples, update.metrics["train_loss"], bit)
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, task.round, index, 0x5E))
+        masked = self._secagg[index].mask(encode_fixed(vector, plan.frac_bits, plan.participants, rng))
+        public["mask_seconds"] = time.perf_counter() - t0
+        # only the masked vector leaves: no example count, no loss (both travel inside the secure sum)
+        return ClientUpdate(
+            update.client, {SECAGG_KEY: torch.frombuffer(bytearray(masked), dtype=torch.uint8)}, 1.0,
+            {**public, "client_index": index},
+        )
+
+    def secagg_advertise(self, index: int, setup: bytes) -> bytes:
+        """Secure aggregation, stage 1: a fresh client state for this round's session; its public keys."""
+        from fedfm.privacy.secagg import SecAggClient, SecAggParams
+
+        if len(setup) != 44:
+            raise ValueError(f"secure aggregation setup must be 44 bytes, got {len(setup)}")
+        session, length, degree = setup[:32], int.from_bytes(setup[32:40], "little"), int.from_bytes(setup[40:44], "little")
+        sa = self.cfg.secagg
+        params = SecAggParams(sa.frac_bits, degree or None, sa.threshold, self.cfg.federation.min_clients)
+        self._secagg[index] = SecAggClient(index, session, params, length)
+        return self._secagg[index].advertise()
+
+    def secagg_share_keys(self, index: int, roster: bytes) -> bytes:
+        """Stage 2: encrypted shares of this client's secrets for each neighbour."""
+        return self._secagg[index].share_keys(roster)
+
+    def secagg_receive_shares(self, index: int, inbox: bytes) -> bytes:
+        """Stage 2 (delivery): keep the neighbours' encrypted shares until unmasking."""
+        self._secagg[index].receive_shares(inbox)
+        return b""
+
+    def secagg_unmask(self, index: int, request: bytes) -> bytes:
+        """Stage 4: the shares the server needs to remove masks; the round's client state is then discarded."""
+        return self._secagg.pop(index).unmask(request)
 
     def client_evaluate(self, index: int, weights: Weights) -> dict[str, float]:
         set_weights(self.model, weights)

@@ -108,6 +108,27 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory."))
 
 @app.command()
 @_user_errors
+def audit(
+    run_dir: Path = typer.Argument(..., help="A finished classification run directory."),
+    shadows: int = typer.Option(4, help="Shadow federations for offline LiRA (0 = loss-threshold attack only)."),
+    per_side: int = typer.Option(500, help="Members and non-members audited (each)."),
+):
+    """Membership-inference audit of the run's final model: loss-threshold and offline-LiRA attacks, reported as
+    ROC AUC and TPR at 1% FPR (0.5 AUC = the attacker learns nothing). Writes RUN_DIR/audit.json."""
+    from fedfm.privacy.audit import audit_membership
+
+    result = audit_membership(run_dir, shadows=shadows, per_side=per_side, console=err)
+    eps = result["epsilon"]
+    table = Table(title=f"membership inference on {run_dir} (client-level epsilon {'none (no DP)' if eps is None else f'{eps:.2f}'})")
+    for col in ("attack", "ROC AUC", "TPR @ 1% FPR"):
+        table.add_column(col)
+    for row in result["attacks"]:
+        table.add_row(row["attack"], f"{row['auc']:.3f}", f"{100 * row['tpr_at_1pct_fpr']:.1f}%")
+    out.print(table)
+
+
+@app.command()
+@_user_errors
 def info():
     """What is available here: models, datasets, peft methods, strategies, partitioners, engines."""
     from fedfm.info import collect

@@ -67,6 +67,7 @@ def train(
     client_index: int,
     client_name: str,
     logit_offset: torch.Tensor | None = None,
+    dpsgd=None,
 ) -> ClientUpdate:
     """Run one round of local training and return the update of the trainable tensors."""
     n = len(data)
@@ -81,12 +82,37 @@ def train(
     batches = batch_order(n, budget, batch_size, torch.Generator().manual_seed(s))
 
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    private = None
+    if dpsgd is not None and dpsgd.enabled:  # example-level DP-SGD (Opacus): per-example clipping and noise
+        from fedfm.privacy.dpsgd import DPSGD, poisson_batches
+
+        if dpsgd.poisson:  # same number of steps, each a Poisson sample of the shard
+            batches = poisson_batches(n, len(batches), min(1.0, batch_size / n), torch.Generator().manual_seed(s + 1))
+        private = DPSGD(model, opt, dpsgd, batch_size, s + 2)
+        opt = private.optimizer
+    try:
+        loss_sum, lr = _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private)
+    finally:
+        if private is not None:
+            private.close()
+    delta = {name: p.detach() - ctask.weights[name] for name, p in params.items()}
+    metrics = {"train_loss": float(loss_sum) / len(batches), "steps": len(batches), "examples_seen": budget, "lr": lr}
+    if private is not None:
+        metrics["dpsgd_q"] = min(1.0, batch_size / n)
+    return ClientUpdate(client=client_name, delta=delta, num_examples=n, metrics=metrics)
+
+
+def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private):
+    """The optimiser steps of one round; returns the summed loss and the last learning rate."""
     model.train()
-    loss_sum = torch.zeros(())
+    loss_sum, lr = torch.zeros(()), cfg.lr
     for k, idx in enumerate(batches):
         lr = lr_at((ctask.round - 1 + k / len(batches)) / rounds, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
+        if len(idx) == 0:  # an empty Poisson batch (DP-SGD only): the step still releases pure noise
+            private.noise_step()
+            continue
         batch = task.batch(data, idx)
         loss = task.loss(model, batch) if logit_offset is None else task.loss(model, batch, logit_offset)
         if ctask.prox_mu > 0:  # FedProx: mu/2 * ||w - w_global||^2 keeps the client near the global model
@@ -99,15 +125,9 @@ def train(
                 "lower train.lr or enable train.max_grad_norm"
             )
         loss.backward()
-        if cfg.max_grad_norm is not None:
+        if cfg.max_grad_norm is not None and private is None:  # DP-SGD clips per example instead
             torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
-    delta = {name: p.detach() - ctask.weights[name] for name, p in params.items()}
-    return ClientUpdate(
-        client=client_name,
-        delta=delta,
-        num_examples=n,
-        metrics={"train_loss": float(loss_sum) / len(batches), "steps": len(batches), "examples_seen": budget, "lr": lr},
-    )
+    return loss_sum, lr

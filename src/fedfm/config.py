@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedfm.errors import ConfigError
 
@@ -117,8 +117,13 @@ class TrainConfig(Section):
     )
 
 
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco", "median")
+# strategies that must see each client's update (robust statistics): incompatible with secagg and DP-FedAvg
+INDIVIDUAL_UPDATE_STRATEGIES = ("median",)
+
+
 class StrategyConfig(Section):
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco"] = Field(
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco", "median"] = Field(
         "fedavg", description="Server aggregation / optimiser."
     )
     server_lr: float = Field(1.0, gt=0, description="Server learning rate (eta) applied to the averaged update.")
@@ -134,7 +139,83 @@ class FederationConfig(Section):
         10, ge=1, description="Number of clients (None with partition=natural: one per key)."
     )
     fraction: float = Field(1.0, gt=0, le=1, description="Fraction of clients sampled each round.")
-    min_clients: int = Field(1, ge=1, description="Minimum clients sampled each round.")
+    min_clients: int = Field(
+        1, ge=1, description="Minimum clients sampled each round, and the fewest valid updates a round completes with."
+    )
+    sampling: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="'fixed': exactly round(fraction x clients) sampled without replacement; 'poisson': each client "
+        "independently with probability fraction (the sampling DP-FedAvg's amplification assumes).",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Simulated faults: probability that a sampled client vanishes after receiving its task "
+        "(after the key exchange under secure aggregation); seeded, so runs stay reproducible.",
+    )
+
+
+class DPConfig(Section):
+    """Client-level differential privacy (DP-FedAvg): protects any one client's whole participation."""
+
+    mode: Literal["off", "central", "distributed"] = Field(
+        "off",
+        description="'central': clients clip their updates, the server adds N(0, (z*C)^2) to their sum (it sees individual "
+        "clipped updates, the released model is private); 'distributed': each client adds its share of the noise and secure "
+        "aggregation hides the individual updates (requires secagg.enabled).",
+    )
+    noise_multiplier: float = Field(1.0, ge=0, description="z: noise standard deviation / clip norm on the summed update.")
+    clip_norm: float = Field(1.0, gt=0, description="C: L2 bound of each client's update (initial value when adaptive).")
+    adaptive_clip: bool = Field(False, description="Adapt C toward a quantile of update norms (Andrew et al. 2021).")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: target share of unclipped updates.")
+    clip_lr: float = Field(0.2, gt=0, description="Adaptive clipping: geometric learning rate of C.")
+    clip_count_stddev: float | None = Field(
+        None, gt=0, description="Adaptive clipping: noise std of the clipped count (None: expected clients / 20)."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee reported.")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="Budget: the run stops cleanly before a round that would exceed this epsilon."
+    )
+    accountant: Literal["rdp", "pld"] = Field(
+        "rdp", description="dp-accounting accountant: Renyi DP, or privacy loss distributions (Poisson sampling only)."
+    )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "off"
+
+
+class DPSGDConfig(Section):
+    """Example-level DP inside local training (DP-SGD with Opacus): protects each training example."""
+
+    enabled: bool = Field(False, description="Train each client with Opacus DP-SGD (per-example clipping and noise).")
+    noise_multiplier: float = Field(1.0, ge=0, description="Noise std / max_grad_norm on each summed batch gradient.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example gradient L2 bound (a very large value = off).")
+    poisson: bool = Field(
+        True, description="Poisson-sample each local batch (rate batch_size / shard size), as DP-SGD's accounting assumes."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the example-level (epsilon, delta) reported.")
+
+
+class SecAggConfig(Section):
+    """Secure aggregation (SecAgg / SecAgg+): the server learns only the sum of the clients' updates."""
+
+    enabled: bool = Field(False, description="Mask updates so the server can unmask only their sum.")
+    neighbours: int | Literal["auto"] | None = Field(
+        None,
+        description="Neighbours per client (SecAgg+ sparse graph); 'auto' = the smallest O(log n) degree that survives "
+        "federation.dropout with failure probability <= 2^-20; None = every pair (SecAgg).",
+    )
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Share of a client's neighbours needed to recover its secrets if it drops out."
+    )
+    frac_bits: int = Field(24, ge=8, le=40, description="Fixed-point fraction bits before masking in the field Z_(2^61-1).")
 
 
 class EngineConfig(Section):
@@ -208,6 +289,9 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     server_data: ServerDataConfig = Field(default_factory=ServerDataConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    dpsgd: DPSGDConfig = Field(default_factory=DPSGDConfig)
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -224,7 +308,53 @@ class RunConfig(Section):
             raise ValueError("model.source=scratch needs model.tokenizer (bpe, smollm2 or a directory)")
         if ("server" in self.compare.methods or self.server_data.steps > 0) and not self.server_data.active:
             raise ValueError("server_data.steps and the 'server' method need server_data.fraction > 0")
+        self._check_privacy()
         return self
+
+    def _check_privacy(self) -> None:
+        """Composition rules: reject combinations whose privacy claim would not hold."""
+        dp, sa = self.dp, self.secagg
+        if dp.mode == "distributed" and not sa.enabled:
+            raise ValueError(
+                "dp.mode=distributed needs secagg.enabled=true: each client adds only a share of the noise, "
+                "so without secure aggregation the server would see barely-noised individual updates"
+            )
+        if (dp.active or sa.enabled) and self.strategy.name in INDIVIDUAL_UPDATE_STRATEGIES:
+            what = "secure aggregation reveals only the sum" if sa.enabled else "DP-FedAvg noises only the sum"
+            raise ValueError(
+                f"strategy.name={self.strategy.name} needs individual client updates, but {what}; "
+                f"choose one of {', '.join(s for s in STRATEGY_NAMES if s not in INDIVIDUAL_UPDATE_STRATEGIES)}"
+            )
+        if dp.active or self.dpsgd.enabled:
+            baselines = [m for m in self.compare.methods if m in ("centralized", "local", "server")]
+            if baselines:
+                raise ValueError(
+                    f"compare.methods includes {', '.join(baselines)}, which would carry no DP guarantee beside a DP "
+                    "run; set compare.methods=[federated] and compare with baselines from a config without dp/dpsgd"
+                )
+        if (dp.active or sa.enabled) and self.train.logit_adjustment:
+            raise ValueError(
+                "train.logit_adjustment makes clients reveal their label counts in the clear, which dp/secagg do "
+                "not cover; turn it off for private runs"
+            )
+        if dp.accountant == "pld" and dp.active and self.federation.sampling != "poisson":
+            raise ValueError("dp.accountant=pld supports federation.sampling=poisson only; use rdp for fixed-size sampling")
+        if self.dpsgd.enabled and self.strategy.name == "fedprox":
+            raise ValueError(
+                "dpsgd with strategy.name=fedprox: the proximal term is not a sum over examples, so its gradient "
+                "would bypass DP-SGD's per-example clipping; use fedavg/fedavgm/fedadam"
+            )
+        if dp.target_epsilon is not None and not dp.active:
+            raise ValueError("dp.target_epsilon needs dp.mode=central or distributed")
+        if dp.active and self.server_data.active and self.server_data.when == "before" and self.server_data.weight is None:
+            raise ValueError(
+                "with dp, Algorithm 2's server update cannot be weighted by example counts (clients' counts are not "
+                "released): set server_data.weight"
+            )
+        if isinstance(sa.neighbours, int) and sa.neighbours < 2:
+            raise ValueError("secagg.neighbours must be at least 2 (or 'auto', or null for the complete graph)")
+        if sa.enabled and self.federation.min_clients < 2:
+            raise ValueError("secagg.enabled needs federation.min_clients >= 2: the 'sum' of one client is its update")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -283,7 +413,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-_SECTIONS = {"data", "model", "peft", "train", "strategy", "federation", "engine", "eval", "compare", "server_data"}
+_SECTIONS = {
+    "data", "model", "peft", "train", "strategy", "federation", "engine", "eval", "compare", "server_data", "dp", "dpsgd", "secagg"
+}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -19,3 +19,7 @@ class ModelError(FedFMError):
 
 class TrainingError(FedFMError):
     """Training diverged (NaN/Inf loss); the run directory is left resumable and marked incomplete."""
+
+
+class ClientDropout(Exception):
+    """A client vanished mid-round (simulated fault, or a lost connection); engines report it as missing."""

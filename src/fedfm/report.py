@@ -420,7 +420,26 @@ def _final_section(run: dict) -> str:
     if summary:
         extra += [("Trainable parameters", fmt_num(summary.get("trainable_params"))),
                   ("Total parameters", fmt_num(summary.get("total_params")))]
+        extra += _privacy_rows(summary)
     return out + _html_table(["Quantity", "Value"], extra)
+
+
+def _privacy_rows(summary: dict) -> list[tuple[str, str]]:
+    """What the run can claim about privacy (summary.json's client_dp / example_dp / secure_aggregation)."""
+    rows = []
+    cdp = summary.get("client_dp")
+    if cdp:
+        rows.append(("Client-level DP (ε, δ)", f"({fmt_num(cdp.get('epsilon'), 3)}, {cdp.get('delta'):g}) — {cdp.get('mode')} noise, "
+                     f"z={cdp.get('noise_multiplier'):g}, {cdp.get('sampling')} sampling of ~{fmt_num(cdp.get('expected_clients'))} "
+                     f"clients, {cdp.get('rounds')} rounds, {cdp.get('accountant')} accountant"))
+    edp = summary.get("example_dp")
+    if edp:
+        rows.append(("Example-level DP-SGD (ε, δ)", f"({fmt_num(edp.get('example_epsilon'), 3)}, {edp.get('delta'):g}) — upper bound over clients"))
+    if summary.get("secure_aggregation"):
+        rows.append(("Secure aggregation", f"the server saw only sums ({summary['secure_aggregation'].get('graph')})"))
+    if summary.get("stopped"):
+        rows.append(("Stopped early", summary["stopped"]))
+    return rows
 
 
 def _rounds_section(metrics: list[dict]) -> str:
@@ -428,6 +447,7 @@ def _rounds_section(metrics: list[dict]) -> str:
     if not metrics:
         return '<p class="note">No rounds recorded.</p>'
     rows, cum = [], 0.0
+    private = any(rec.get("epsilon") is not None for rec in metrics)
     for rec in metrics:
         cum += (_finite(rec.get("bytes_down")) or 0) + (_finite(rec.get("bytes_up")) or 0)
         clients = rec.get("clients")
@@ -437,9 +457,10 @@ def _rounds_section(metrics: list[dict]) -> str:
             fmt_pct(rec.get("macro_f1")), fmt_bytes(rec.get("bytes_down")), fmt_bytes(rec.get("bytes_up")),
             fmt_bytes(cum), fmt_num(rec.get("examples")), fmt_num(rec.get("lr"), 3),
             fmt_duration(rec.get("round_time_s")),
+            *((fmt_num(rec.get("epsilon"), 3),) if private else ()),
         ))
     headers = ["Round", "Clients", "Train loss", "Eval loss", "Accuracy", "Macro-F1", "Bytes down",
-               "Bytes up", "Cumulative", "Examples", "LR", "Round time"]
+               "Bytes up", "Cumulative", "Examples", "LR", "Round time", *(("ε (client-level)",) if private else ())]
     return _html_table(headers, rows)
 
 

@@ -41,6 +41,8 @@ from fedfm.config import RunConfig
 from fedfm.engines import build_engine
 from fedfm.errors import FedFMError, TrainingError
 from fedfm.models import save_pretrained, set_weights
+from fedfm.privacy import dp
+from fedfm.privacy.aggregate import PrivateAggregator
 from fedfm.rundir import RunDir, atomic_write_text
 from fedfm.store import GroupStates, StateStore
 from fedfm.strategies import FedAvg, build_strategy
@@ -89,12 +91,24 @@ def num_sampled(n: int, cfg: RunConfig) -> int:
 
 
 def sample(group: Group, round_: int, cfg: RunConfig) -> list[int]:
-    """Seeded client sampling, a pure function of (seed, round): resumable without saved RNG state."""
+    """Seeded client sampling, a pure function of (seed, round): resumable without saved RNG state.
+
+    'fixed' takes exactly ``num_sampled`` clients; 'poisson' includes each client independently with
+    probability ``federation.fraction`` (the count varies from round to round and may be below min_clients).
+    """
     if len(group.members) == 1:
         return list(group.members)
-    k = num_sampled(len(group.members), cfg)
     rng = np.random.default_rng(derive_seed(cfg.seed, round_, 0x5A3))
+    if cfg.federation.sampling == "poisson":
+        keep = rng.random(len(group.members)) < cfg.federation.fraction
+        return [m for m, k in zip(group.members, keep) if k]
+    k = num_sampled(len(group.members), cfg)
     return sorted(rng.choice(group.members, size=k, replace=False).tolist())
+
+
+def expected_sampled(n: int, cfg: RunConfig) -> float:
+    """Expected clients per round: fraction x n under Poisson sampling, the fixed count otherwise."""
+    return cfg.federation.fraction * n if cfg.federation.sampling == "poisson" else float(num_sampled(n, cfg))
 
 
 def validate(update: ClientUpdate, reference: Weights) -> str | None:
@@ -145,6 +159,11 @@ class Runner:
         self.engine = build_engine(self.cfg.engine.name, app)
         # Algorithm 2 runs inside federated training only (the 'server' method is its data alone)
         self.server_steps = self.cfg.server_data.steps if method == "federated" and app.server_index is not None else 0
+        self.stopped: str | None = None  # why the run ended before cfg.rounds (a privacy budget), if it did
+        self.private = None  # DP-FedAvg and/or secure aggregation: federated training only (validated in config)
+        if method == "federated" and (self.cfg.dp.active or self.cfg.secagg.enabled):
+            n = len(app.split.client_names)
+            self.private = PrivateAggregator(self.cfg, n, expected_sampled(n, self.cfg), app.initial_weights)
 
     def new_states(self, round_: int = 0) -> GroupStates:
         budget = self.cfg.engine.state_memory_mb * 2**20
@@ -154,7 +173,7 @@ class Runner:
         states = self.new_states()
         w = self.app.initial_weights
         for g in range(len(self.groups)):
-            states[g] = ServerState(0, dict(w), self.strategy.init(w))
+            states[g] = ServerState(0, dict(w), {**self.strategy.init(w), **(self.private.init_opt() if self.private else {})})
         return states
 
     def restore(self, checkpoint) -> GroupStates:
@@ -178,14 +197,29 @@ class Runner:
             st = states[g]
             extra = {"batch_size": group.batch_size} if group.batch_size else {}
             jobs = [(i, ClientTask(r, st.weights, group.num_examples, config=extra, **options)) for i in members]
-            updates, down = self.engine.train(jobs, on_done=on_done)
+            private_log: dict[str, Any] = {}
+            if self.private is not None:
+                if len(members) < self.cfg.federation.min_clients:  # Poisson sampling drew too few: skip the round
+                    log.warning("round %d: %d clients sampled (< min_clients); the model is unchanged", r, len(members))
+                    states[g] = ServerState(r, st.weights, st.opt)
+                    private_log = {"skipped": True, **({"epsilon": self.private.epsilon(r)} if self.cfg.dp.active else {})}
+                    continue
+                agg, private_log, updates, down = self.private.run(r, st, jobs, self.engine, rejected)
+                valid = [agg]
+            else:
+                updates, down = self.engine.train(jobs, on_done=on_done)
+                valid = self.screen(r, group, st.weights, updates, rejected)
             bytes_down += down
             seen += updates
-            valid = self.screen(r, group, st.weights, updates, rejected)
+            # strategy state and the privacy state (adaptive clip norm) are kept apart: strategies are pure
+            own = {k: v for k, v in st.opt.items() if not k.startswith("dp.")}
+            st_strategy = ServerState(st.round, st.weights, own)
             if self.server_steps:
-                new, server_log = self.aggregate_with_server(r, st, valid)
+                new, server_log = self.aggregate_with_server(r, st_strategy, valid)
             else:
-                new = self.strategy.aggregate(st, valid)
+                new = self.strategy.aggregate(st_strategy, valid)
+            kept = {k: v for k, v in st.opt.items() if k.startswith("dp.")}
+            new = ServerState(new.round, new.weights, {**new.opt, **kept, **private_log.pop("_opt", {})})
             states[g] = new
             if due:
                 evals.append(self.app.server_evaluate(new.weights))
@@ -193,11 +227,15 @@ class Runner:
         if progress:
             progress.remove_task(bar)
         m = _mean(evals) if evals else {}
+        losses = [u.metrics["train_loss"] for u in seen if "train_loss" in u.metrics]
+        if not losses and "secure_train_loss" in private_log:
+            losses = [private_log["secure_train_loss"]]
         return {
             "method": self.method,
             "round": r,
+            "sampled": sum(map(len, picks)),
             "clients": [u.client for u in seen],
-            "train_loss": float(np.mean([u.metrics["train_loss"] for u in seen])),
+            "train_loss": float(np.mean(losses)) if losses else None,
             "eval_loss": m.get("loss"),
             "accuracy": m.get("accuracy"),
             "macro_f1": m.get("macro_f1"),
@@ -207,10 +245,33 @@ class Runner:
             "bytes_down": bytes_down if self.method == "federated" else 0,
             "bytes_up": sum(u.bytes_up for u in seen) if self.method == "federated" else 0,
             "examples": int(sum(u.metrics["examples_seen"] for u in seen)),
-            "lr": seen[-1].metrics["lr"],
+            "lr": seen[-1].metrics["lr"] if seen else None,
             "rejected": rejected,
+            **{k: v for k, v in private_log.items() if k != "secure_train_loss"},
+            **self.example_privacy(r),
             "round_time_s": time.perf_counter() - t0,
         }
+
+    def example_privacy(self, r: int) -> dict[str, float]:
+        """DP-SGD's example-level epsilon after ``r`` rounds: an upper bound over clients, as if every client had
+        taken part in every round with the largest step count and the highest sampling rate of any shard."""
+        c = self.cfg.dpsgd
+        if not c.enabled:
+            return {}
+        sizes = [len(s.train) for s in self.app.client_shards]
+        batch = self.cfg.train.batch_size
+        steps = max(math.ceil(examples_per_round(n, self.cfg.train) / batch) for n in sizes)
+        return {"example_epsilon": dp.poisson_epsilon(r * steps, batch / min(sizes), c.noise_multiplier, c.delta)}
+
+    def budget_exhausted(self, done: int) -> str | None:
+        """Why the next round must not run because it would exceed dp.target_epsilon, or None."""
+        target = self.cfg.dp.target_epsilon
+        if self.private is None or target is None:
+            return None
+        eps = self.private.epsilon(done + 1)
+        if eps <= target:
+            return None
+        return f"privacy budget: round {done + 1} would reach epsilon {eps:.3f} > dp.target_epsilon {target}"
 
     def aggregate_with_server(self, r: int, st: ServerState, valid: list[ClientUpdate]) -> tuple[ServerState, dict]:
         """Algorithm 2: mix the server's own training into the round (its data never leaves this process).
@@ -259,6 +320,11 @@ class Runner:
             rounds_bar = progress.add_task(f"{self.method} rounds", total=self.cfg.rounds, completed=states.round) if show else None
             while states.round < self.cfg.rounds:
                 done = states.round
+                self.stopped = self.budget_exhausted(done)
+                if self.stopped:
+                    log.warning("stopping before round %d: %s", done + 1, self.stopped)
+                    self.console.print(f"[yellow]stopped early[/yellow] — {self.stopped}")
+                    break
                 try:
                     record = self.round(states, progress)
                 except Exception as exc:
@@ -274,7 +340,9 @@ class Runner:
                     progress.advance(rounds_bar)
                 else:
                     acc = "" if record["accuracy"] is None else f" acc={record['accuracy']:.3f}"
-                    self.console.print(f"\\[{self.method}] round {record['round']}/{self.cfg.rounds} loss={record['train_loss']:.4f}{acc}")
+                    loss = "" if record["train_loss"] is None else f" loss={record['train_loss']:.4f}"
+                    eps = "" if record.get("epsilon") is None else f" eps={record['epsilon']:.2f}"
+                    self.console.print(f"\\[{self.method}] round {record['round']}/{self.cfg.rounds}{loss}{acc}{eps}")
         return self.finish(states, wall)
 
     def finish(self, states: GroupStates, wall: float) -> dict[str, Any]:
@@ -305,12 +373,35 @@ class Runner:
             "trainable_params": app.trainable_params,
             "total_params": app.total_params,
             "bytes_total": int(sum(m["bytes_down"] + m["bytes_up"] for m in metrics)),
+            **({"stopped": self.stopped} if self.stopped else {}),
+            **self.privacy_summary(states.round),
         }
         atomic_write_text(self.dir.path / "summary.json", json.dumps(summary, indent=1))
         shutil.rmtree(self.dir.path / "client_states", ignore_errors=True)
         self.dir.set_status("complete", self.method, states.round)
         report.write_run_report(self.dir.path)
         return summary
+
+    def privacy_summary(self, rounds: int) -> dict[str, Any]:
+        """What a user can state about the run's privacy, saved in summary.json and shown in the report."""
+        out: dict[str, Any] = {}
+        cfg = self.cfg
+        if self.private is not None and cfg.dp.active:
+            out["client_dp"] = {
+                "mode": cfg.dp.mode,
+                "epsilon": self.private.epsilon(rounds),
+                "delta": cfg.dp.delta,
+                "noise_multiplier": cfg.dp.noise_multiplier,
+                "sampling": cfg.federation.sampling,
+                "expected_clients": self.private.expected,
+                "rounds": rounds,
+                "accountant": cfg.dp.accountant,
+            }
+        if cfg.dpsgd.enabled:
+            out["example_dp"] = {"delta": cfg.dpsgd.delta, "noise_multiplier": cfg.dpsgd.noise_multiplier, **self.example_privacy(rounds)}
+        if self.private is not None and cfg.secagg.enabled:
+            out["secure_aggregation"] = {"graph": "complete" if cfg.secagg.neighbours is None else f"{cfg.secagg.neighbours} neighbours"}
+        return out
 
     def save_final(self, group: Group, state: ServerState) -> None:
         path = self.dir.path / "final"

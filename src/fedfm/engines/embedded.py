@@ -2,7 +2,8 @@
 
 The base model is loaded once; before a client trains, its trainable tensors are swapped in from the
 task (which the server decoded from the broadcast message), and the client's update leaves as a
-serialized message that the server decodes, exactly as it would over a network.
+serialized message that the server decodes, exactly as it would over a network. A client that
+vanishes (``ClientDropout``) is simply missing from the replies, as over a network.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from fedfm import codec
+from fedfm.errors import ClientDropout
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
 
@@ -24,7 +26,7 @@ class EmbeddedEngine:
     def train(
         self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
     ) -> tuple[list[ClientUpdate], int]:
-        """Run ``client_train`` for each (client index, task); return the updates and the bytes sent down."""
+        """Run ``client_train`` for each (client index, task); return the updates received and the bytes sent down."""
         received: dict[int, tuple[Weights, int]] = {}  # one broadcast message per distinct weights object
         updates, bytes_down = [], 0
         for index, task in jobs:
@@ -34,13 +36,36 @@ class EmbeddedEngine:
                 received[key] = (codec.decode(message), len(message))
             weights, size = received[key]
             bytes_down += size
-            update = self.app.client_train(index, ClientTask(task.round, weights, task.num_examples, task.prox_mu, task.config))
+            try:
+                update = self.app.client_train(index, ClientTask(task.round, weights, task.num_examples, task.prox_mu, task.config))
+            except ClientDropout:
+                continue
             message = codec.encode(update.delta)
             update.delta, update.bytes_up = codec.decode(message), len(message)
             updates.append(update)
             if on_done:
                 on_done(update)
         return updates, bytes_down
+
+    def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
+        """Run the client function ``fn`` (a protocol step, bytes in and out) at each client.
+
+        Returns the replies of the clients that answered, and the bytes sent down and up.
+        """
+        from fedfm.app import PROTOCOL_FUNCTIONS
+
+        if fn not in PROTOCOL_FUNCTIONS:
+            raise ValueError(f"unknown client function {fn!r}; expected one of {', '.join(PROTOCOL_FUNCTIONS)}")
+        replies, down, up = {}, 0, 0
+        for index, payload in jobs:
+            down += len(payload)
+            try:
+                reply = getattr(self.app, fn)(index, bytes(payload))
+            except ClientDropout:
+                continue
+            replies[index] = bytes(reply)
+            up += len(reply)
+        return replies, down, up
 
     def evaluate(self, jobs: list[tuple[int, Weights]]) -> list[dict[str, float]]:
         """Each client evaluates the given weights on its own test split."""

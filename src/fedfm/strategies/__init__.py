@@ -12,6 +12,7 @@ Adding one is one file plus one line in ``STRATEGIES``.
 from fedfm.strategies.diloco import DiLoCo
 from fedfm.strategies.fedavg import FedAvg, FedAvgM, FedProx, weighted_mean
 from fedfm.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
+from fedfm.strategies.robust import Median
 
 STRATEGIES = {
     "fedavg": FedAvg,
@@ -21,6 +22,7 @@ STRATEGIES = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "diloco": DiLoCo,
+    "median": Median,
 }
 
 
@@ -31,4 +33,4 @@ def build_strategy(cfg):
     return cls(**{k: v for k, v in cfg.model_dump().items() if k in fields})
 
 
-__all__ = ["STRATEGIES", "build_strategy", "weighted_mean", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "DiLoCo"]
+__all__ = ["STRATEGIES", "build_strategy", "weighted_mean", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "DiLoCo", "Median"]

@@ -86,7 +86,7 @@ class CausalLMTask:
         model.eval()
         nll, correct, count = 0.0, 0, 0
         with torch.inference_mode():
-            for idx in torch.arange(len(data)).split(batch_size):
+            for idx in torch.arange(len(data)).split(batch_size) if len(data) else ():  # split(0 items) yields one empty batch
                 b = self.batch(data, idx)
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                 target = b["labels"][:, 1:]

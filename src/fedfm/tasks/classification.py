@@ -71,7 +71,7 @@ class ClassificationTask:
         model.eval()
         loss_sum, preds = 0.0, []
         with torch.inference_mode():
-            for idx in torch.arange(len(data)).split(batch_size):
+            for idx in torch.arange(len(data)).split(batch_size) if len(data) else ():  # split(0 items) yields one empty batch
                 b = self.batch(data, idx)
                 out = model(**b)
                 loss_sum += float(out.loss) * len(idx)

@@ -1,0 +1,1 @@
+"""Privacy: client-level DP-FedAvg with accounting, example-level DP-SGD, secure aggregation, attack audits."""

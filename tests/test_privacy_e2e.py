@@ -1,0 +1,133 @@
+"""Private federated runs end to end on MiniLM + LoRA and real BBC news: DP-FedAvg with its accountant and
+budget, secure aggregation inside the round loop (with dropouts and a malformed masked update), DP-SGD,
+and the membership audit's attack arithmetic on a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedfm import config as config_mod
+from fedfm import server
+from fedfm.app import App
+from fedfm.errors import FedFMError
+from fedfm.privacy import dp
+from fedfm.privacy.aggregate import SECAGG_KEY
+from fedfm.rundir import RunDir
+
+from test_e2e import TINY, final_state
+
+pytestmark = pytest.mark.slow
+
+PRIVATE = ["federation.num_clients=6", "federation.min_clients=2", "compare.methods=[federated]", "train.local_steps=2"]
+
+
+def cfg_of(tmp_path: Path, *extra: str):
+    return config_mod.load(None, TINY + PRIVATE + [f"output_dir={tmp_path}", *extra])
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dp_epsilon_every_round_and_budget_stop(tmp_path):
+    overrides = ["rounds=4", "federation.sampling=poisson", "federation.fraction=0.5", "dp.mode=central",
+                 "dp.noise_multiplier=1.0", "dp.clip_norm=0.05", "dp.adaptive_clip=true", "dp.clip_count_stddev=1.0"]
+    # the budget admits exactly 2 rounds: epsilon(2) <= target < epsilon(3)
+    sampling = dp.Sampling("poisson", 6, 3.0)
+    e2, e3 = dp.epsilon(2, sampling, 1.0, 1e-5), dp.epsilon(3, sampling, 1.0, 1e-5)
+    run_dir = server.run(cfg_of(tmp_path, *overrides, f"dp.target_epsilon={(e2 + e3) / 2}"))
+    recs = records(run_dir)
+    assert [r["round"] for r in recs] == [1, 2]
+    assert [r["epsilon"] for r in recs] == pytest.approx([dp.epsilon(1, sampling, 1.0, 1e-5), e2])
+    # adaptive clipping moved the clip norm, carried in the checkpointed state
+    assert recs[0]["clip_norm"] == 0.05 and recs[1]["clip_norm"] != 0.05
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["client_dp"]["epsilon"] == pytest.approx(e2) and "privacy budget" in summary["stopped"]
+    assert RunDir(run_dir).status()["status"] == "complete"
+
+
+def test_secure_aggregation_equals_plain_fedavg_within_quantisation(tmp_path):
+    plain = server.run(cfg_of(tmp_path, "name=plain"))
+    secure = server.run(cfg_of(tmp_path, "name=secure", "secagg.enabled=true", "secagg.neighbours=4"))
+    a, b = final_state(plain), final_state(secure)
+    assert a.keys() == b.keys()
+    # per element: 6 clients x (weight n_i <= 240) x 2^-25 rounding error, over 2 rounds: far below 1e-5
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    rp, rs = records(plain), records(secure)
+    # the clients' mean training loss travels inside the secure sum: the same number as the plain run's
+    assert [r["train_loss"] for r in rs] == pytest.approx([r["train_loss"] for r in rp], abs=1e-5)
+    assert rs[-1]["secagg_time_s"] > 0 and rs[-1]["secagg_dropped"] == 0 and rs[-1]["reporters"] == 6
+
+
+def test_secure_aggregation_with_dropouts_and_distributed_dp(tmp_path):
+    run_dir = server.run(
+        cfg_of(tmp_path, "rounds=2", "federation.num_clients=10", "federation.min_clients=3", "federation.dropout=0.3",
+               "secagg.enabled=true", "secagg.threshold=0.3", "dp.mode=distributed", "dp.noise_multiplier=0.5",
+               "dp.clip_norm=0.05")
+    )
+    recs = records(run_dir)
+    assert sum(r["secagg_dropped"] for r in recs) > 0  # some clients vanished after the key exchange
+    assert all(r["reporters"] == 10 - r["secagg_dropped"] for r in recs)
+    assert all(torch.isfinite(t).all() for t in final_state(run_dir).values())
+
+
+def test_unrecoverable_dropouts_abort_the_round_cleanly(tmp_path):
+    # 8 clients, t = floor(0.9 * 7) + 1 = 7 shares needed: any dropout leaves a survivor's secret unrecoverable
+    cfg = cfg_of(tmp_path, "rounds=2", "federation.num_clients=8", "federation.dropout=0.3", "secagg.enabled=true",
+                 "secagg.threshold=0.9")
+    with pytest.raises(FedFMError, match="secure aggregation failed"):
+        server.run(cfg)
+    status = RunDir(tmp_path / "t").status()
+    assert status["status"] == "incomplete" and "secure aggregation failed" in status["reason"]
+    assert not (tmp_path / "t" / "checkpoints").exists() or status["round"] == 0
+
+
+def test_malformed_masked_update_is_dropped_and_the_round_completes(tmp_path, monkeypatch):
+    original = App._privatize
+
+    def corrupt(self, index, task, update):
+        out = original(self, index, task, update)
+        if index == 1:  # one client sends a truncated masked vector
+            out.delta[SECAGG_KEY] = out.delta[SECAGG_KEY][:-8].clone()
+        return out
+
+    monkeypatch.setattr(App, "_privatize", corrupt)
+    run_dir = server.run(cfg_of(tmp_path, "rounds=1", "secagg.enabled=true"))
+    rec = records(run_dir)[0]
+    assert [r["client"] for r in rec["rejected"]] == ["client_1"] and rec["rejected"][0]["reason"]
+    assert rec["reporters"] == 5 and RunDir(run_dir).status()["status"] == "complete"
+
+
+def test_dpsgd_run_reports_example_epsilon(tmp_path):
+    run_dir = server.run(cfg_of(tmp_path, "rounds=1", "dpsgd.enabled=true", "dpsgd.noise_multiplier=1.0"))
+    rec = records(run_dir)[0]
+    assert 0 < rec["example_epsilon"] < float("inf")
+    assert json.loads((run_dir / "summary.json").read_text())["example_dp"]["example_epsilon"] == rec["example_epsilon"]
+
+
+def test_membership_audit_on_a_real_run(tmp_path):
+    from fedfm.privacy.audit import audit_membership, label_scores
+
+    run_dir = server.run(cfg_of(tmp_path, "rounds=1"))
+    result = audit_membership(run_dir, shadows=1, per_side=40)
+    assert [a["attack"] for a in result["attacks"]] == ["loss threshold", "offline LiRA (1 shadows)"]
+    assert all(0.0 <= a["auc"] <= 1.0 for a in result["attacks"]) and result["members"] == 40
+    assert (run_dir / "audit" / "shadow-0" / "summary.json").is_file()
+    # the shadow never saw an audited example: its population file holds none of the run's texts
+    app = App(config_mod.load(run_dir / "config.yaml"))
+    population = {json.loads(line)["text"] for line in (run_dir / "audit" / "population.jsonl").open()}
+    assert not population & set(app.dataset.texts)
+    # phi = log p_y - log(1 - p_y), checked against softmax probabilities directly
+    data = app.global_test.subset(range(8))
+    logp, phi = label_scores(app.model, data)
+    with torch.inference_mode():
+        p = torch.softmax(app.model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits.double(), -1)
+    py = p[torch.arange(8), data.labels].numpy()
+    assert logp == pytest.approx(np.log(py), abs=1e-6)
+    assert phi == pytest.approx(np.log(py / (1 - py)), abs=1e-5)
