@@ -131,3 +131,16 @@ def test_membership_audit_on_a_real_run(tmp_path):
     py = p[torch.arange(8), data.labels].numpy()
     assert logp == pytest.approx(np.log(py), abs=1e-6)
     assert phi == pytest.approx(np.log(py / (1 - py)), abs=1e-5)
+
+
+def test_a_client_refusing_a_malformed_protocol_message_goes_silent(tmp_path):
+    from fedfm.errors import ClientDropout
+
+    app = App(cfg_of(tmp_path, "secagg.enabled=true"))
+    with pytest.raises(ClientDropout):
+        app.secagg_advertise(0, b"too short")
+    app.secagg_advertise(0, bytes(32) + (10).to_bytes(8, "little") + (0).to_bytes(4, "little"))
+    with pytest.raises(ClientDropout):
+        app.secagg_share_keys(0, b"not a roster")  # malformed bytes: the client does not answer
+    with pytest.raises(ClientDropout):
+        app.secagg_unmask(3, b"")  # a client with no state this round

@@ -8,6 +8,7 @@ decide where and when these run and carry their inputs and outputs.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 
@@ -34,6 +35,8 @@ from fedfm.privacy import dp
 from fedfm.privacy.aggregate import SECAGG_KEY, PrivateRound, client_vector
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
+
+log = logging.getLogger("fedfm")
 
 # the protocol steps an engine may run at a client besides training and evaluation (bytes in, bytes out)
 PROTOCOL_FUNCTIONS = ("secagg_advertise", "secagg_share_keys", "secagg_receive_shares", "secagg_unmask")
@@ -168,30 +171,41 @@ class App:
             {**public, "client_index": index},
         )
 
+    def _protocol_step(self, index: int, step):
+        """Run a client's protocol step; a request the client refuses (malformed, unsafe) makes it go silent, as a
+        networked client would, so the server treats it as vanished instead of the whole run failing."""
+        from fedfm.privacy.secagg import SecAggError
+
+        try:
+            return step()
+        except (SecAggError, ValueError, KeyError) as exc:
+            log.warning("client %d refused a secure-aggregation step: %s", index, exc)
+            raise ClientDropout(str(exc)) from None
+
     def secagg_advertise(self, index: int, setup: bytes) -> bytes:
         """Secure aggregation, stage 1: a fresh client state for this round's session; its public keys."""
         from fedfm.privacy.secagg import SecAggClient, SecAggParams
 
         if len(setup) != 44:
-            raise ValueError(f"secure aggregation setup must be 44 bytes, got {len(setup)}")
+            raise ClientDropout(f"client {index}: secure aggregation setup must be 44 bytes, got {len(setup)}")
         session, length, degree = setup[:32], int.from_bytes(setup[32:40], "little"), int.from_bytes(setup[40:44], "little")
         sa = self.cfg.secagg
         params = SecAggParams(sa.frac_bits, degree or None, sa.threshold, self.cfg.federation.min_clients)
         self._secagg[index] = SecAggClient(index, session, params, length)
-        return self._secagg[index].advertise()
+        return self._protocol_step(index, self._secagg[index].advertise)
 
     def secagg_share_keys(self, index: int, roster: bytes) -> bytes:
         """Stage 2: encrypted shares of this client's secrets for each neighbour."""
-        return self._secagg[index].share_keys(roster)
+        return self._protocol_step(index, lambda: self._secagg[index].share_keys(roster))
 
     def secagg_receive_shares(self, index: int, inbox: bytes) -> bytes:
         """Stage 2 (delivery): keep the neighbours' encrypted shares until unmasking."""
-        self._secagg[index].receive_shares(inbox)
+        self._protocol_step(index, lambda: self._secagg[index].receive_shares(inbox))
         return b""
 
     def secagg_unmask(self, index: int, request: bytes) -> bytes:
         """Stage 4: the shares the server needs to remove masks; the round's client state is then discarded."""
-        return self._secagg.pop(index).unmask(request)
+        return self._protocol_step(index, lambda: self._secagg.pop(index).unmask(request))
 
     def client_evaluate(self, index: int, weights: Weights) -> dict[str, float]:
         set_weights(self.model, weights)
