@@ -144,3 +144,17 @@ def test_a_client_refusing_a_malformed_protocol_message_goes_silent(tmp_path):
         app.secagg_share_keys(0, b"not a roster")  # malformed bytes: the client does not answer
     with pytest.raises(ClientDropout):
         app.secagg_unmask(3, b"")  # a client with no state this round
+
+
+def test_too_few_masked_inputs_abort_before_unmasking(tmp_path, monkeypatch):
+    from fedfm.privacy.secagg import SecAggServer
+
+    asked = []
+    original = SecAggServer.receive_unmask
+    monkeypatch.setattr(SecAggServer, "receive_unmask", lambda self, cid, msg: asked.append(cid) or original(self, cid, msg))
+    # 6 clients, min_clients 6, one vanishes after the key exchange: distributed DP would be under-noised
+    cfg = cfg_of(tmp_path, "rounds=1", "federation.min_clients=6", "federation.dropout=0.3", "secagg.enabled=true",
+                 "dp.mode=distributed", "dp.clip_norm=0.05")
+    with pytest.raises(FedFMError, match="secure aggregation failed.*min_survivors"):
+        server.run(cfg)
+    assert asked == []  # no unmasking share was ever requested

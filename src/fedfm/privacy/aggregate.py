@@ -241,9 +241,9 @@ class PrivateAggregator:
             if reason:
                 log.warning("round %d: rejected masked update from %s: %s", r, u.client, reason)
                 rejected.append({"client": u.client, "reason": reason})
-        requests = server.unmask_requests()
-        self._exchange(engine, "secagg_unmask", sorted(requests.items()), server.receive_unmask, traffic, r)
-        try:
+        try:  # too few valid masked inputs abort here, before any unmasking share is asked for
+            requests = server.unmask_requests()
+            self._exchange(engine, "secagg_unmask", sorted(requests.items()), server.receive_unmask, traffic, r)
             field_sum = server.result()
         except SecAggError as exc:
             raise TrainingError(f"round {r}: secure aggregation failed, round aborted: {exc}") from None
