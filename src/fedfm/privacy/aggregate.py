@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,7 +66,6 @@ class PrivateRound:
     count_noise_std: float  # distributed DP with adaptive clipping: each client's share of the count noise
     participants: int  # clients asked this round (bounds the fixed-point range)
     frac_bits: int
-    extra: dict = field(default_factory=dict)
 
     def to_config(self) -> dict:
         return {"private": self.__dict__.copy()}
