@@ -23,12 +23,14 @@ from fedfm.models import (
     get_weights,
     load_causal_lm,
     load_classifier,
+    load_encoder_for_training,
     load_lm_tokenizer,
     load_tokenizer,
     set_weights,
 )
 from fedfm.tasks.causal_lm import Blocks, CausalLMTask, pack
 from fedfm.tasks.classification import ClassificationTask, Encoded, encode
+from fedfm.tasks.retrieval import Pairs, RetrievalTask, encode_pairs
 from fedfm.client import derive_seed
 from fedfm.errors import ClientDropout
 from fedfm.privacy import dp
@@ -47,8 +49,8 @@ class Shard:
     """One participant's data: what it trains on and what it is evaluated on."""
 
     name: str
-    train: Encoded | Blocks
-    test: Encoded | Blocks
+    train: Encoded | Blocks | Pairs
+    test: Encoded | Blocks | Pairs
 
 
 class App:
@@ -68,6 +70,12 @@ class App:
             data = encoded.subset
             self.task = ClassificationTask(len(self.dataset.label_names))
             self.model = load_classifier(cfg.model.source, self.dataset.label_names, cfg.peft, cfg.seed)
+        elif cfg.task == "retrieval":
+            self.tokenizer = load_tokenizer(cfg.model.source)
+            pairs = encode_pairs(self.tokenizer, self.dataset.texts, self.dataset.passages, cfg.data.max_length)
+            data = pairs.subset
+            self.task = RetrievalTask()
+            self.model = load_encoder_for_training(cfg.model.source, cfg.peft, cfg.seed)
         else:
             texts = self.dataset.texts
             # a trained BPE sees the training pool only (clients' and server's training text), never test text
@@ -103,7 +111,7 @@ class App:
         """The clients' shards (the server's and the pooled baseline's, when present, come after them)."""
         return self.shards[: len(self.split.client_names)]
 
-    def _eval_subset(self, cfg: RunConfig) -> Encoded:
+    def _eval_subset(self, cfg: RunConfig) -> Encoded | Blocks | Pairs:
         n = len(self.global_test)
         if cfg.eval.max_examples is None or cfg.eval.max_examples >= n:
             return self.global_test

@@ -18,6 +18,8 @@ from fedfm.errors import FedFMError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated foundation models: fine-tune across data owners.")
 data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect the packaged real corpora.")
 app.add_typer(data_app, name="data")
+rag_app = typer.Typer(no_args_is_help=True, help="Federated retrieval-augmented generation over owners' documents.")
+app.add_typer(rag_app, name="rag")
 out = Console()
 err = Console(stderr=True)
 
@@ -97,11 +99,18 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory."))
 
     result = evaluate_run(run_dir)
     table = Table(title=f"evaluation of {run_dir}")
-    lm = bool(result["rows"]) and "perplexity" in result["rows"][0]
-    for col in ("model", "split", "loss", *(("perplexity", "token accuracy") if lm else ("accuracy", "macro-F1"))):
+    first = result["rows"][0] if result["rows"] else {}
+    lm, retrieval = "perplexity" in first, "recall@5" in first
+    cols = ("perplexity", "token accuracy") if lm else ("recall@1", "recall@5", "MRR") if retrieval else ("accuracy", "macro-F1")
+    for col in ("model", "split", "loss", *cols):
         table.add_column(col)
     for row in result["rows"]:
-        last = (f"{row['perplexity']:.2f}", f"{100 * row['accuracy']:.1f}%") if lm else (f"{100 * row['accuracy']:.1f}%", f"{100 * row['macro_f1']:.1f}%")
+        if lm:
+            last = (f"{row['perplexity']:.2f}", f"{100 * row['accuracy']:.1f}%")
+        elif retrieval:
+            last = (f"{100 * row['recall@1']:.1f}%", f"{100 * row['recall@5']:.1f}%", f"{row['mrr']:.3f}")
+        else:
+            last = (f"{100 * row['accuracy']:.1f}%", f"{100 * row['macro_f1']:.1f}%")
         table.add_row(row["model"], row["split"], f"{row['loss']:.4f}", *last)
     out.print(table)
 
@@ -146,22 +155,26 @@ def info():
 @_user_errors
 def data_fetch(
     force: bool = typer.Option(False, help="Fetch again even if cached."),
-    corpus: Optional[list[str]] = typer.Option(None, "--corpus", help="Text corpus: shakespeare, brown, austen (repeatable)."),
+    corpus: Optional[list[str]] = typer.Option(
+        None, "--corpus", help="Corpus: shakespeare, brown, austen, foldoc, elements (repeatable)."
+    ),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Model to cache: smollm2 (repeatable)."),
 ):
     """Fetch corpora and models into the local cache ($FEDFM_CACHE or ~/.cache/fedfm).
 
     Without options: what the demo, the tests and the shipped configs need: the labelled corpora
-    (tweets, BBC), the Shakespeare text corpus and SmolLM2-135M (converted once, about 35 s).
-    Brown and Austen come with --corpus.
+    (tweets, BBC), the Shakespeare text corpus, the FOLDOC and Elements document collections (from
+    Debian, for RAG) and SmolLM2-135M (converted once, about 35 s). Brown and Austen come with --corpus.
     """
     from fedfm.data import fetch_all
-    from fedfm.data.corpora import FETCHERS
+    from fedfm.data.corpora import FETCHERS as TEXT_FETCHERS
+    from fedfm.data.dictd import fetch_elements, fetch_foldoc
 
+    FETCHERS = {**TEXT_FETCHERS, "foldoc": fetch_foldoc, "elements": fetch_elements}
     if not corpus and not model:
         for name, path in fetch_all(force=force).items():
             out.print(f"{name}: {path}")
-        corpus, model = ["shakespeare"], ["smollm2"]
+        corpus, model = ["shakespeare", "elements", "foldoc"], ["smollm2"]
     for name in corpus or []:
         if name not in FETCHERS:
             raise FedFMError(f"unknown corpus '{name}'; choose one of {', '.join(FETCHERS)}")
@@ -172,6 +185,107 @@ def data_fetch(
         from fedfm.smollm import fetch_smollm2
 
         out.print(f"{name}: {fetch_smollm2(force=force)}")
+
+
+def _rag_setup(config: Path, overrides: list[str] | None, out_dir: Path | None):
+    from fedfm.rag import config as rag_config
+
+    cfg = rag_config.load(config, overrides or [])
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    return cfg, Path(out_dir) if out_dir else cfg.run_dir
+
+
+def _rag_status(root: Path, status: str, **extra) -> None:
+    from fedfm.rundir import atomic_write_text
+
+    atomic_write_text(root / "status.json", json.dumps({"status": status, **extra}))
+
+
+@rag_app.command("index")
+@_user_errors
+def rag_index(
+    config: Path = typer.Argument(..., help="RAG YAML config."),
+    overrides: Optional[list[str]] = SetOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default <output_dir>/<name>)."),
+    central: bool = typer.Option(False, help="Also build the centralized baseline index (eval builds it anyway)."),
+):
+    """Build or update each owner's store in its own directory (incremental: only changed documents are embedded)."""
+    from fedfm.rag import config as rag_config
+    from fedfm.rag.federation import index
+
+    cfg, root = _rag_setup(config, overrides, out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    rag_config.save(cfg, root / "config.yaml")
+    _rag_status(root, "indexing")
+    report = index(cfg, root, central=central, log=out.print)
+    _rag_status(root, "indexed", owners=len([k for k in report if not k.startswith("(")]))
+    (root / "index.json").write_text(json.dumps(report, indent=1))
+    out.print(f"indexed {sum(r['documents'] for k, r in report.items() if not k.startswith('('))} documents "
+              f"for {len([k for k in report if not k.startswith('(')])} owners in {root / 'owners'}")
+
+
+@rag_app.command("ask")
+@_user_errors
+def rag_ask(
+    config: Path = typer.Argument(..., help="RAG YAML config."),
+    question: str = typer.Argument(..., help="The question."),
+    overrides: Optional[list[str]] = SetOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default <output_dir>/<name>)."),
+    mode: Optional[str] = typer.Option(None, help="passages | owner_answers | guarded (default: the config's)."),
+    requester: Optional[str] = typer.Option(None, help="Who asks (budgets and audit logs are per requester)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer as JSON."),
+):
+    """Answer a question from every owner's documents, with citations (owner, document)."""
+    from fedfm.rag.federation import FederatedRAG
+    from fedfm.rag.owner import MODES
+
+    cfg, root = _rag_setup(config, overrides, out_dir)
+    if mode is not None and mode not in MODES:
+        raise FedFMError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    if not question.strip():
+        raise FedFMError("the question is empty")
+    fed = FederatedRAG(cfg, root)
+    try:
+        ans = fed.ask(question, mode=mode, requester=requester)
+    finally:
+        fed.close()
+    if as_json:
+        out.print_json(json.dumps(ans.to_dict()))
+        return
+    out.print(f"[bold]{ans.text if ans.text else '(no answer: no owner released anything for this question)'}[/]", soft_wrap=True)
+    for i, (owner, doc) in enumerate(ans.citations, 1):
+        out.print(f"  [{i}] {owner} / {doc}", soft_wrap=True)
+    out.print(f"owners used: {', '.join(ans.owners_used) or 'none'}", soft_wrap=True)
+    for owner, why in ans.owners_missing.items():
+        out.print(f"[yellow]owner {owner} not used: {why}[/]", soft_wrap=True)
+    out.print(f"mode {ans.mode}; {ans.seconds:.2f} s; {ans.bytes_sent} bytes sent, {ans.bytes_received} received")
+
+
+@rag_app.command("eval")
+@_user_errors
+def rag_eval(
+    config: Path = typer.Argument(..., help="RAG YAML config."),
+    overrides: Optional[list[str]] = SetOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default <output_dir>/<name>)."),
+):
+    """Retrieval recall/MRR (federated exact, RRF, centralized) and answer accuracy, latency and bytes per mode."""
+    from fedfm.rag.evaluate import evaluate, to_markdown
+
+    cfg, root = _rag_setup(config, overrides, out_dir)
+    if not (root / "owners").is_dir():
+        raise FedFMError(f"no owner stores in {root / 'owners'}: run `fedfm rag index {config}` first")
+    _rag_status(root, "evaluating")
+    try:
+        result = evaluate(cfg, root, log=out.print)
+    except BaseException as exc:
+        _rag_status(root, "indexed", last_eval_failed=f"{type(exc).__name__}: {exc}")
+        raise
+    _rag_status(root, "evaluated")
+    out.print(to_markdown(result))
+    out.print(f"results: {root / 'eval.md'}")
 
 
 def main() -> None:  # console-script entry point

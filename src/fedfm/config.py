@@ -23,17 +23,31 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["tweets", "bbc", "shakespeare", "brown", "austen", "csv", "jsonl", "parquet", "hf_disk"] = Field(
+    source: Literal[
+        "tweets", "bbc", "shakespeare", "brown", "austen", "foldoc", "elements", "csv", "jsonl", "parquet", "hf_disk"
+    ] = Field(
         "tweets",
         description="Corpus: a packaged labelled corpus (tweets, bbc), a packaged text corpus for language "
-        "modelling (shakespeare, brown, austen) or a generic file/dir format.",
+        "modelling (shakespeare, brown, austen), a document collection giving (question, passage) pairs for "
+        "retrieval (foldoc, elements) or a generic file/dir format.",
     )
     owner: str | None = Field(
         None, description="Natural owner key of a text corpus: shakespeare play|role, brown genre, austen novel."
     )
+    owner_count: int | None = Field(
+        None,
+        ge=1,
+        description="FOLDOC: the N most frequent domain tags are owners, every other entry is pooled as 'other' "
+        "(None: one owner per tag, over a hundred).",
+    )
     path: str | None = Field(None, description="File or directory for csv/jsonl/parquet/hf_disk sources.")
-    text_column: str = Field("text", description="Column holding the input text (generic sources).")
+    text_column: str = Field("text", description="Column holding the input text (generic sources; retrieval: the query).")
     label_column: str = Field("label", description="Column holding the class label (generic sources).")
+    passage_column: str | None = Field(
+        None,
+        description="Column holding the relevant passage of each query (generic sources with task=retrieval; "
+        "then no label column is read).",
+    )
     key_column: str | None = Field(
         None, description="Column holding a natural owner key (generic sources); tweets use 'topic'."
     )
@@ -54,7 +68,11 @@ class DataConfig(Section):
         2, ge=0, description="Dirichlet: resample until every client has at least this many examples."
     )
     max_length: int = Field(
-        64, ge=8, le=4096, description="Tokenised sequence length: truncation (classification), block size (causal_lm)."
+        64,
+        ge=8,
+        le=4096,
+        description="Tokenised sequence length: truncation (classification; retrieval: of queries and passages), "
+        "block size (causal_lm).",
     )
 
 
@@ -116,6 +134,9 @@ class TrainConfig(Section):
         "to the federation's label distribution (clients report label counts, not examples).",
     )
 
+
+FILE_SOURCES = ("csv", "jsonl", "parquet", "hf_disk")
+COLLECTIONS = ("foldoc", "elements")  # document collections read by fedfm.data.dictd
 
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco", "median")
 # strategies that must see each client's update (robust statistics): incompatible with secagg and DP-FedAvg
@@ -276,8 +297,10 @@ class RunConfig(Section):
     seed: int = Field(0, description="Seed for data splits, initialisation, sampling and local training.")
     rounds: int = Field(5, ge=1, description="Federated rounds.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
-    task: Literal["classification", "causal_lm"] = Field(
-        "classification", description="Learning task: sequence classification or causal language modelling."
+    task: Literal["classification", "causal_lm", "retrieval"] = Field(
+        "classification",
+        description="Learning task: sequence classification, causal language modelling, or retrieval (contrastive "
+        "training of a sentence encoder on (query, passage) pairs).",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -295,13 +318,14 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if self.data.source in ("csv", "jsonl", "parquet", "hf_disk") and not self.data.path:
+        if self.data.source in FILE_SOURCES and not self.data.path:
             raise ValueError(f"data.path is required for data.source={self.data.source}")
         if self.data.partition != "natural" and self.federation.num_clients is None:
             raise ValueError("federation.num_clients is required unless data.partition=natural")
         text_corpora = ("shakespeare", "brown", "austen")
         if self.data.source in text_corpora and self.task != "causal_lm":
             raise ValueError(f"data.source={self.data.source} is a text corpus: set task=causal_lm")
+        self._check_retrieval()
         if self.model.source == "scratch" and self.task != "causal_lm":
             raise ValueError("model.source=scratch builds a causal LM: set task=causal_lm")
         if self.model.source == "scratch" and not self.model.tokenizer:
@@ -310,6 +334,35 @@ class RunConfig(Section):
             raise ValueError("server_data.steps and the 'server' method need server_data.fraction > 0")
         self._check_privacy()
         return self
+
+    def _check_retrieval(self) -> None:
+        """Pairs sources and the retrieval task go together."""
+        d = self.data
+        pairs = d.source in COLLECTIONS or (d.source in FILE_SOURCES and d.passage_column is not None)
+        if self.task == "retrieval" and not pairs:
+            raise ValueError(
+                f"task=retrieval trains on (query, passage) pairs, which data.source={d.source} does not give: use "
+                "foldoc or elements, or a csv/jsonl/parquet/hf_disk file with data.passage_column"
+            )
+        if d.source in COLLECTIONS and self.task != "retrieval":
+            raise ValueError(f"data.source={d.source} is a document collection of (question, passage) pairs: set task=retrieval")
+        if d.passage_column is not None and self.task != "retrieval":
+            raise ValueError("data.passage_column gives (query, passage) pairs: set task=retrieval (or unset it)")
+        if d.owner_count is not None and d.source != "foldoc":
+            raise ValueError("data.owner_count groups FOLDOC's domain tags into owners: it needs data.source=foldoc")
+        if self.task != "retrieval":
+            return
+        if self.peft.method not in ("none", "lora", "ia3"):
+            raise ValueError(
+                f"task=retrieval supports peft.method none, lora or ia3, not {self.peft.method}: prompt methods add "
+                "virtual tokens that the encoder's mean pooling over the attention mask would not see"
+            )
+        if self.dpsgd.enabled:
+            raise ValueError(
+                "dpsgd with task=retrieval: the in-batch-negatives loss couples the examples of a batch (each one is "
+                "the others' negative), so per-example clipping would not bound one example's influence; use dp "
+                "(client-level DP-FedAvg) instead"
+            )
 
     def _check_privacy(self) -> None:
         """Composition rules: reject combinations whose privacy claim would not hold."""
@@ -443,19 +496,23 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_error(err)) from None
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; a missing file or bad YAML is a one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = _yaml(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at top level")
+    return raw
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = _yaml(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level")
+    raw = read_yaml_mapping(path) if path is not None else {}
     return from_dict(apply_overrides(raw, overrides or []))
 
 

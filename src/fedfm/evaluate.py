@@ -15,6 +15,12 @@ def load_final(final: Path, source: str, task: str = "classification"):
     """A peft adapter directory (rebuilt on the base model) or a full model directory -> model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if task == "retrieval":  # an encoder: adapter merged into its base, or a full model dir
+        from fedfm.rag.embed import load_encoder
+
+        if not (final / "adapter_config.json").is_file() and not (final / "config.json").is_file():
+            raise FedFMError(f"no final model in {final}: is the run complete?")
+        return load_encoder(str(final))[0]
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel

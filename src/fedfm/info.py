@@ -40,6 +40,14 @@ def collect() -> dict[str, list[tuple[str, str]]]:
                        ("austen", "Jane Austen, 6 novels, owners by novel")):
         state = "fetched" if is_fetched(name) else f"run `fedfm data fetch --corpus {name}`"
         datasets.append((name, f"{what} (task=causal_lm): {state}"))
+    from fedfm.data.dictd import collection_path
+
+    for name, what in (("foldoc", "FOLDOC, 12k computing definitions, owners by domain tag"),
+                       ("elements", "the chemical elements, owners by period")):
+        state = "fetched" if collection_path(name).is_file() else f"run `fedfm data fetch --corpus {name}`"
+        datasets.append((name, f"{what}, (question, passage) pairs (task=retrieval): {state}"))
+    datasets.append(("csv / jsonl / parquet / hf_disk",
+                     "your own (query, passage) pairs: data.path + text_column / passage_column / key_column (task=retrieval)"))
     return {
         "models": models,
         "datasets": datasets,

@@ -129,6 +129,32 @@ def load_classifier(source: str, label_names: list[str], section: PeftSection, s
     return freeze(model, section.freeze)
 
 
+def load_encoder_for_training(source: str, section: PeftSection, seed: int) -> torch.nn.Module:
+    """A sentence encoder (transformers ``AutoModel``, no task head) for contrastive training (task=retrieval).
+
+    Wrapped in peft with task type FEATURE_EXTRACTION, or with every weight trainable when method 'none'.
+    The model is loaded from its absolute path, so a saved adapter's ``base_model_name_or_path`` finds it
+    again (``fedfm.rag.embed.load_encoder`` merges the adapter into that base).
+    """
+    from transformers import AutoModel
+
+    _quiet_transformers()
+    path = resolve_model_path(source).resolve()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load encoder from {path}: {exc}") from None
+    if section.method != "none":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config(section, "FEATURE_EXTRACTION"))
+    elif getattr(model, "pooler", None) is not None:
+        # BERT's pooler (a dense layer on [CLS]) plays no part in mean pooling: never trained, so never sent
+        model.pooler.requires_grad_(False)
+    return freeze(model, section.freeze)
+
+
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE tokenizer trained with ``tokenizers`` on ``texts`` (deterministic in their order)."""
     from tokenizers import ByteLevelBPETokenizer

@@ -43,7 +43,13 @@ _ROUND_PLOTS = (
     ("macro_f1", "macro_f1", "Macro-F1 (%)", "Global test macro-F1", True),
     ("train_loss", "train_loss", "Train loss", "Training loss", False),
     ("perplexity", "perplexity", "Perplexity", "Global test perplexity", False),
+    ("recall_at_5", "recall@5", "Recall@5 (%)", "Global test recall@5", True),
+    ("mrr", "mrr", "MRR", "Global test mean reciprocal rank", False),
 )
+
+# Retrieval runs (task=retrieval) report recall@1, recall@5 and MRR where classification reports accuracy and
+# macro-F1; recall@5 is their headline (the "vs centralized" ratio, the final bar plot).
+RETRIEVAL_KEYS = ("recall@1", "recall@5", "mrr")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -205,6 +211,8 @@ def _final_metrics(run: dict) -> dict:
         "own_perplexity": own.get("perplexity"),
         "own_macro_f1": own.get("macro_f1"),
         "own_loss": own.get("loss"),
+        **{k: glob.get(k) if from_summary else _last_value(metrics, k) for k in RETRIEVAL_KEYS},
+        **{f"own_{k}": own.get(k) for k in RETRIEVAL_KEYS},
         "bytes_total": summary.get("bytes_total", _total_bytes(metrics)),
         "wall_time_s": summary.get("wall_time_s", _last_value(metrics, "wall_time_s")),
         "rounds": summary.get("rounds", _last_value(metrics, "round") or len(metrics)),
@@ -274,9 +282,9 @@ def _line_plot(series: dict[str, tuple[list, list]], ylabel: str, title: str, pa
 def plot_rounds(histories: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     """Per-round line plots, one line per method (key of ``histories``).
 
-    Writes ``accuracy.png``, ``macro_f1.png``, ``train_loss.png`` and ``bytes.png``
-    (cumulative bytes down+up) into ``out_dir``; null points are skipped and a plot with no
-    points at all is not written. Returns the paths written.
+    Writes ``accuracy.png``, ``macro_f1.png``, ``train_loss.png``, ``perplexity.png``, ``recall_at_5.png``,
+    ``mrr.png`` and ``bytes.png`` (cumulative bytes down+up) into ``out_dir``; null points are skipped and a
+    plot with no points at all is not written. Returns the paths written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,17 +298,18 @@ def plot_rounds(histories: dict[str, list[dict]], out_dir: Path) -> list[Path]:
 
 
 def _plot_final_accuracy(rows: list[dict], path: Path) -> Path | None:
-    """Grouped bars: final global and own-split accuracy per method."""
-    if not any(_finite(r.get(k)) is not None for r in rows for k in ("accuracy", "own_accuracy")):
+    """Grouped bars: final global and own-split accuracy (retrieval: recall@5) per method."""
+    key, name = ("recall@5", "Recall@5") if _is_retrieval(rows) else ("accuracy", "Accuracy")
+    if not any(_finite(r.get(k)) is not None for r in rows for k in (key, f"own_{key}")):
         return None
     fig, ax = _new_figure()
     xs = list(range(len(rows)))
-    for offset, key, label in ((-0.2, "accuracy", "global test"), (0.2, "own_accuracy", "own split (mean)")):
-        ys = [(_finite(r.get(key)) or 0.0) * 100 for r in rows]
+    for offset, k, label in ((-0.2, key, "global test"), (0.2, f"own_{key}", "own split (mean)")):
+        ys = [(_finite(r.get(k)) or 0.0) * 100 for r in rows]
         ax.bar([x + offset for x in xs], ys, width=0.4, label=label)
     ax.set_xticks(xs, [str(r["method"]) for r in rows])
-    ax.set_ylabel("Accuracy (%)")
-    ax.set_title("Final accuracy by method")
+    ax.set_ylabel(f"{name} (%)")
+    ax.set_title(f"Final {name.lower()} by method")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
     return _save_figure(fig, path)
@@ -405,12 +414,12 @@ def _final_section(run: dict) -> str:
     """The final-metrics table (from summary.json, else from the last evaluated round)."""
     fm = _final_metrics(run)
     scope = "mean over clients' own models" if run["method"] == "local" else "global model"
+    cols = _metric_columns(_is_retrieval([fm]))
     rows = [
-        (f"Global test set ({scope})", fmt_num(fm["loss"]), fmt_pct(fm["accuracy"]), fmt_pct(fm["macro_f1"])),
-        ("Own test splits (mean over clients)", fmt_num(fm["own_loss"]),
-         fmt_pct(fm["own_accuracy"]), fmt_pct(fm["own_macro_f1"])),
+        (f"Global test set ({scope})", fmt_num(fm["loss"]), *(f(fm[k]) for k, _, _, f in cols)),
+        ("Own test splits (mean over clients)", fmt_num(fm["own_loss"]), *(f(fm[f"own_{k}"]) for k, _, _, f in cols)),
     ]
-    out = _html_table(["Evaluation", "Loss", "Accuracy", "Macro-F1"], rows)
+    out = _html_table(["Evaluation", "Loss", *(label for _, label, _, _ in cols)], rows)
     summary = run["summary"]
     if summary is None:
         out = ('<p class="note">No summary.json: the run did not finish; values are from the last '
@@ -448,18 +457,19 @@ def _rounds_section(metrics: list[dict]) -> str:
         return '<p class="note">No rounds recorded.</p>'
     rows, cum = [], 0.0
     private = any(rec.get("epsilon") is not None for rec in metrics)
+    cols = _metric_columns(_is_retrieval(metrics))
     for rec in metrics:
         cum += (_finite(rec.get("bytes_down")) or 0) + (_finite(rec.get("bytes_up")) or 0)
         clients = rec.get("clients")
         rows.append((
             rec.get("round", _DASH), len(clients) if isinstance(clients, list) else _DASH,
-            fmt_num(rec.get("train_loss")), fmt_num(rec.get("eval_loss")), fmt_pct(rec.get("accuracy")),
-            fmt_pct(rec.get("macro_f1")), fmt_bytes(rec.get("bytes_down")), fmt_bytes(rec.get("bytes_up")),
+            fmt_num(rec.get("train_loss")), fmt_num(rec.get("eval_loss")), *(f(rec.get(k)) for k, _, _, f in cols),
+            fmt_bytes(rec.get("bytes_down")), fmt_bytes(rec.get("bytes_up")),
             fmt_bytes(cum), fmt_num(rec.get("examples")), fmt_num(rec.get("lr"), 3),
             fmt_duration(rec.get("round_time_s")),
             *((fmt_num(rec.get("epsilon"), 3),) if private else ()),
         ))
-    headers = ["Round", "Clients", "Train loss", "Eval loss", "Accuracy", "Macro-F1", "Bytes down",
+    headers = ["Round", "Clients", "Train loss", "Eval loss", *(label for _, label, _, _ in cols), "Bytes down",
                "Bytes up", "Cumulative", "Examples", "LR", "Round time", *(("ε (client-level)",) if private else ())]
     return _html_table(headers, rows)
 
@@ -470,13 +480,14 @@ def _clients_section(summary: dict | None) -> str:
     if not clients:
         return '<p class="note">No per-client results.</p>'
     rows = []
+    cols = _metric_columns(_is_retrieval([summary.get("global") or {}]))
     for c in sorted(clients, key=lambda c: _natural_key(c.get("client", ""))):
         own, glob = c.get("own") or {}, c.get("global") or {}
         rows.append((c.get("client", _DASH), fmt_num(c.get("n_train")), fmt_num(c.get("n_test")),
-                     fmt_pct(own.get("accuracy")), fmt_pct(own.get("macro_f1")), fmt_num(own.get("loss")),
-                     fmt_pct(glob.get("accuracy")), fmt_pct(glob.get("macro_f1")), fmt_num(glob.get("loss"))))
-    headers = ["Client", "Train n", "Test n", "Own acc", "Own F1", "Own loss",
-               "Global acc", "Global F1", "Global loss"]
+                     *(f(own.get(k)) for k, _, _, f in cols), fmt_num(own.get("loss")),
+                     *(f(glob.get(k)) for k, _, _, f in cols), fmt_num(glob.get("loss"))))
+    headers = ["Client", "Train n", "Test n", *(f"Own {short}" for _, _, short, _ in cols), "Own loss",
+               *(f"Global {short}" for _, _, short, _ in cols), "Global loss"]
     return _html_table(headers, rows)
 
 
@@ -541,16 +552,29 @@ def _comparison_row(run: dict) -> dict:
     """One row of comparison.json."""
     fm = _final_metrics(run)
     keys = ("accuracy", "macro_f1", "loss", "perplexity", "own_accuracy", "own_perplexity", "bytes_total", "wall_time_s", "rounds")
-    return {"method": run["method"], **{k: fm[k] for k in keys}, "status": run["state"]}
+    retrieval = {k: fm[k] for k in (*RETRIEVAL_KEYS, "own_recall@5")} if _is_retrieval([fm]) else {}
+    return {"method": run["method"], **{k: fm[k] for k in keys}, **retrieval, "status": run["state"]}
 
 
 def _is_lm(rows: list[dict]) -> bool:
     return any(_finite(r.get("perplexity")) is not None for r in rows)
 
 
+def _is_retrieval(rows: list[dict]) -> bool:
+    return any(_finite(r.get("recall@5")) is not None for r in rows)
+
+
+def _metric_columns(retrieval: bool) -> list[tuple[str, str, str, Any]]:
+    """The quality columns of the HTML tables: (metric key, label, short label, formatter)."""
+    if retrieval:
+        return [("recall@1", "Recall@1", "R@1", fmt_pct), ("recall@5", "Recall@5", "R@5", fmt_pct), ("mrr", "MRR", "MRR", fmt_num)]
+    return [("accuracy", "Accuracy", "acc", fmt_pct), ("macro_f1", "Macro-F1", "F1", fmt_pct)]
+
+
 def _relative(rows: list[dict]) -> dict[str, float]:
-    """Accuracy (language models: perplexity) of each method divided by centralized's, when both are known."""
-    key = "perplexity" if _is_lm(rows) else "accuracy"
+    """Accuracy (language models: perplexity; retrieval: recall@5) of each method divided by centralized's,
+    when both are known."""
+    key = "perplexity" if _is_lm(rows) else "recall@5" if _is_retrieval(rows) else "accuracy"
     cent = next((_finite(r.get(key)) for r in rows if r["method"] == "centralized"), None)
     if not cent:
         return {}
@@ -558,29 +582,35 @@ def _relative(rows: list[dict]) -> dict[str, float]:
             if r["method"] != "centralized" and _finite(r.get(key)) is not None}
 
 
+def _comparison_cells(comparison: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted rows of the comparison table (comparison.md and report.html)."""
+    rel = comparison.get("relative_to_centralized", {})
+    if _is_retrieval(comparison["rows"]):
+        headers = ["Method", "Recall@1", "Recall@5", "MRR", "Loss", "Own-split R@5"]
+        quality = [lambda r: fmt_pct(r.get("recall@1")), lambda r: fmt_pct(r.get("recall@5")),
+                   lambda r: fmt_num(r.get("mrr")), lambda r: fmt_num(r["loss"]), lambda r: fmt_pct(r.get("own_recall@5"))]
+    else:
+        headers = ["Method", "Accuracy", "Macro-F1", "Loss", "Perplexity", "Own-split acc"]
+        quality = [lambda r: fmt_pct(r["accuracy"]), lambda r: fmt_pct(r["macro_f1"]), lambda r: fmt_num(r["loss"]),
+                   lambda r: fmt_num(r.get("perplexity")), lambda r: fmt_pct(r["own_accuracy"])]
+    headers += ["Communication", "Wall time", "Rounds", "vs centralized", "Status"]
+    rows = [[r["method"], *(f(r) for f in quality), fmt_bytes(r["bytes_total"]), fmt_duration(r["wall_time_s"]),
+             fmt_num(r["rounds"]), fmt_pct(rel.get(r["method"])), r.get("status", _DASH)] for r in comparison["rows"]]
+    return headers, rows
+
+
 def _markdown(comparison: dict) -> str:
     """comparison.md: one markdown table."""
-    rel = comparison.get("relative_to_centralized", {})
-    lines = [("| Method | Accuracy | Macro-F1 | Loss | Perplexity | Own-split acc | Communication | Wall time | Rounds "
-              "| vs centralized | Status |"), "|" + "---|" * 11]
-    for r in comparison["rows"]:
-        cells = [r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["macro_f1"]), fmt_num(r["loss"]), fmt_num(r.get("perplexity")),
-                 fmt_pct(r["own_accuracy"]), fmt_bytes(r["bytes_total"]), fmt_duration(r["wall_time_s"]),
-                 fmt_num(r["rounds"]), fmt_pct(rel.get(r["method"])), r.get("status", _DASH)]
+    headers, rows = _comparison_cells(comparison)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for cells in rows:
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _comparison_html_table(comparison: dict) -> str:
     """The comparison table as HTML."""
-    rel = comparison.get("relative_to_centralized", {})
-    rows = [(r["method"], fmt_pct(r["accuracy"]), fmt_pct(r["macro_f1"]), fmt_num(r["loss"]), fmt_num(r.get("perplexity")),
-             fmt_pct(r["own_accuracy"]), fmt_bytes(r["bytes_total"]), fmt_duration(r["wall_time_s"]),
-             fmt_num(r["rounds"]), fmt_pct(rel.get(r["method"])), r.get("status", _DASH))
-            for r in comparison["rows"]]
-    headers = ["Method", "Accuracy", "Macro-F1", "Loss", "Perplexity", "Own-split acc", "Communication",
-               "Wall time", "Rounds", "vs centralized", "Status"]
-    return _html_table(headers, rows)
+    return _html_table(*_comparison_cells(comparison))
 
 
 def _per_client_comparison(runs: list[dict]) -> str:
@@ -592,13 +622,14 @@ def _per_client_comparison(runs: list[dict]) -> str:
     if not table:
         return '<p class="note">No per-client results.</p>'
     methods = [r["method"] for r in runs]
-    headers = ["Client"] + [f"{m} {kind}" for m in methods for kind in ("own acc", "global acc")]
+    key, short = ("recall@5", "R@5") if _is_retrieval([(r["summary"] or {}).get("global") or {} for r in runs]) else ("accuracy", "acc")
+    headers = ["Client"] + [f"{m} {kind} {short}" for m in methods for kind in ("own", "global")]
     rows = []
     for client in sorted(table, key=_natural_key):
         row = [client]
         for m in methods:
             c = table[client].get(m, {})
-            row += [fmt_pct((c.get("own") or {}).get("accuracy")), fmt_pct((c.get("global") or {}).get("accuracy"))]
+            row += [fmt_pct((c.get("own") or {}).get(key)), fmt_pct((c.get("global") or {}).get(key))]
         rows.append(row)
     return _html_table(headers, rows)
 
@@ -625,11 +656,12 @@ def write_comparison(compare_dir: Path, methods: list[str] | None = None) -> dic
     plots = plot_rounds({r["method"]: r["metrics"] for r in runs}, compare_dir / "plots")
     bar = _plot_final_accuracy(rows, compare_dir / "plots" / "final_accuracy.png")
     plots = ([bar] if bar else []) + plots
+    headline = "Recall@5" if _is_retrieval(rows) else "Accuracy"
     body = "\n".join([
         f"<h1>fedfm comparison: {_e(compare_dir.name)}</h1>",
         "<h2>Methods</h2>", _comparison_html_table(comparison),
-        '<p class="note">Accuracy is on the global test set (for local: mean over clients\' own models); '
-        "own-split accuracy is the mean over clients of each client's own test split.</p>",
+        f'<p class="note">{headline} is on the global test set (for local: mean over clients\' own models); '
+        f"own-split {headline.lower()} is the mean over clients of each client's own test split.</p>",
         "<h2>Plots</h2>", _html_images(plots),
         "<h2>Per client</h2>", _per_client_comparison(runs),
     ])
@@ -654,6 +686,16 @@ def comparison_table(comparison: dict) -> Table:
                           fmt_num(r.get("own_perplexity")), fmt_bytes(r.get("bytes_total")),
                           fmt_duration(r.get("wall_time_s")), _DASH if ratio is None else f"{ratio:.3f}")
         return table
+    if _is_retrieval(comparison.get("rows", [])):
+        table = Table(title="Retrieval: held-out questions ranked against the global test passages", box=box.SIMPLE_HEAD)
+        table.add_column("Method", no_wrap=True)
+        for col in ("R@1", "R@5", "MRR", "Own R@5", "Sent", "Time", "/ cent."):
+            table.add_column(col, justify="right", no_wrap=True)
+        for r in comparison.get("rows", []):
+            table.add_row(str(r.get("method", _DASH)), fmt_pct(r.get("recall@1")), fmt_pct(r.get("recall@5")),
+                          fmt_num(r.get("mrr"), 3), fmt_pct(r.get("own_recall@5")), fmt_bytes(r.get("bytes_total")),
+                          fmt_duration(r.get("wall_time_s")), fmt_pct(rel.get(r.get("method"))))
+        return table
     table = Table(title="Federated vs centralized vs local (global test set)", box=box.SIMPLE_HEAD)
     table.add_column("Method", no_wrap=True)
     for col in ("Accuracy", "Macro-F1", "Own acc", "Sent", "Time", "/ cent."):
@@ -671,10 +713,17 @@ def run_table(summary: dict) -> Table:
     table = Table(title=f"Final metrics: {summary.get('method', 'run')}")
     table.add_column("Evaluation")
     lm = "perplexity" in (summary.get("global") or {})
-    for col in ("Loss", "Perplexity", "Token acc") if lm else ("Loss", "Accuracy", "Macro-F1"):
-        table.add_column(col, justify="right")
+    if "recall@5" in (summary.get("global") or {}):
+        for col in ("Loss", "Recall@1", "Recall@5", "MRR"):
+            table.add_column(col, justify="right")
+    else:
+        for col in ("Loss", "Perplexity", "Token acc") if lm else ("Loss", "Accuracy", "Macro-F1"):
+            table.add_column(col, justify="right")
     for label, key in (("Global test set", "global"), ("Own splits (mean)", "own_mean")):
         m = summary.get(key) or {}
+        if "recall@5" in (summary.get("global") or {}):
+            table.add_row(label, fmt_num(m.get("loss")), fmt_pct(m.get("recall@1")), fmt_pct(m.get("recall@5")), fmt_num(m.get("mrr"), 3))
+            continue
         third = fmt_num(m.get("perplexity")) if lm else fmt_pct(m.get("accuracy"))
         fourth = fmt_pct(m.get("accuracy")) if lm else fmt_pct(m.get("macro_f1"))
         table.add_row(label, fmt_num(m.get("loss")), third, fourth)

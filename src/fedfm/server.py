@@ -47,6 +47,7 @@ from fedfm.rundir import RunDir, atomic_write_text
 from fedfm.store import GroupStates, StateStore
 from fedfm.strategies import FedAvg, build_strategy
 from fedfm.strategies.fedavg import apply
+from fedfm.tasks.retrieval import RETRIEVAL_METRICS
 from fedfm.types import ClientTask, ClientUpdate, ServerState, Weights
 
 log = logging.getLogger("fedfm")
@@ -240,6 +241,7 @@ class Runner:
             "accuracy": m.get("accuracy"),
             "macro_f1": m.get("macro_f1"),
             **({"perplexity": m.get("perplexity")} if self.cfg.task == "causal_lm" else {}),
+            **({k: m.get(k) for k in RETRIEVAL_METRICS} if self.cfg.task == "retrieval" else {}),
             **(server_log if self.server_steps else {}),
             # baselines communicate nothing: centralized already holds the data, local owners train alone
             "bytes_down": bytes_down if self.method == "federated" else 0,
@@ -340,6 +342,8 @@ class Runner:
                     progress.advance(rounds_bar)
                 else:
                     acc = "" if record["accuracy"] is None else f" acc={record['accuracy']:.3f}"
+                    if record.get("recall@5") is not None:
+                        acc = f" recall@5={record['recall@5']:.3f}"
                     loss = "" if record["train_loss"] is None else f" loss={record['train_loss']:.4f}"
                     eps = "" if record.get("epsilon") is None else f" eps={record['epsilon']:.2f}"
                     self.console.print(f"\\[{self.method}] round {record['round']}/{self.cfg.rounds}{loss}{acc}{eps}")

@@ -162,9 +162,15 @@ def _build_atomically(name: str, force: bool, build: Callable[[Path], None]) -> 
     The temporary directory sits next to the destination (same filesystem), so the final rename is
     atomic and an interrupted fetch never leaves a half-written corpus behind.
     """
-    dest = corpus_path(name)
-    if is_fetched(name) and not force:
+    return build_dir_atomically(corpus_path(name), is_fetched(name) and not force, build)
+
+
+def build_dir_atomically(dest: Path, done: bool, build: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling of ``dest`` with ``build`` and rename it into place (skipped if ``done``)."""
+    if done:
         return dest
+    name = dest.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".tmp", dir=dest.parent))
     try:
         build(tmp)

@@ -1,8 +1,10 @@
 """Load a labelled text corpus into a :class:`TextDataset`.
 
-Sources: the packaged real corpora (``tweets``, ``bbc``) and generic user data (``csv``, ``jsonl``,
-``parquet``, Hugging Face ``datasets`` saved with ``save_to_disk``). Every problem with the input
-is reported as a one-line :class:`~fedfm.errors.DataError` naming the file and row.
+Sources: the packaged real corpora (``tweets``, ``bbc``), the text corpora for language modelling, the
+document collections giving (question, passage) pairs for retrieval (``foldoc``, ``elements``) and generic
+user data (``csv``, ``jsonl``, ``parquet``, Hugging Face ``datasets`` saved with ``save_to_disk``; with
+``passage_column`` set they hold pairs). Every problem with the input is reported as a one-line
+:class:`~fedfm.errors.DataError` naming the file and row.
 """
 
 from __future__ import annotations
@@ -15,20 +17,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedfm.config import DataConfig
+from fedfm.config import COLLECTIONS, DataConfig
 from fedfm.data.fetch import bbc_dir, tweets_path
 from fedfm.errors import DataError
 
 
 @dataclass
 class TextDataset:
-    """Texts with integer labels (index into ``label_names``) and optional natural owner keys."""
+    """Texts with integer labels (index into ``label_names``) and optional natural owner keys.
+
+    A pairs dataset (task=retrieval) also has ``passages``: ``texts[i]`` is a query, ``passages[i]`` the
+    passage that answers it; its labels are the owners, so the stratified global test set holds every owner.
+    """
 
     texts: list[str]
     labels: np.ndarray
     label_names: list[str]
     keys: np.ndarray | None
     name: str
+    passages: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -42,6 +49,7 @@ class TextDataset:
             label_names=list(self.label_names),
             keys=None if self.keys is None else self.keys[idx],
             name=self.name,
+            passages=None if self.passages is None else [self.passages[i] for i in idx],
         )
 
 
@@ -125,9 +133,27 @@ def _py(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
+def _make_pairs(queries: list[str], passages: list[str], owners: list | None, name: str, where: str) -> TextDataset:
+    """A pairs dataset; owners (or one owner, ``all``) double as labels for the stratified test split."""
+    if not queries:
+        raise DataError(f"{where}: dataset is empty (no pairs)")
+    owner_names = [str(o) for o in owners] if owners is not None else ["all"] * len(queries)
+    names = sorted(set(owner_names))
+    lookup = {n: i for i, n in enumerate(names)}
+    labels = np.array([lookup[o] for o in owner_names], dtype=np.int64)
+    keys = None if owners is None else np.array(owner_names, dtype=object)
+    return TextDataset(list(queries), labels, names, keys, name, passages=list(passages))
+
+
+def _wanted_columns(cfg: DataConfig) -> list[str]:
+    """Columns a generic source must have: text and label, or text and passage for pairs; then the key."""
+    second = cfg.passage_column if cfg.passage_column else cfg.label_column
+    return [cfg.text_column, second] + ([cfg.key_column] if cfg.key_column else [])
+
+
 def _from_frame(df: pd.DataFrame, cfg: DataConfig, name: str, where: str, row_word: str = "row") -> TextDataset:
     """Validate columns and cells of a loaded table and build the dataset."""
-    wanted = [cfg.text_column, cfg.label_column] + ([cfg.key_column] if cfg.key_column else [])
+    wanted = _wanted_columns(cfg)
     missing = [c for c in wanted if c not in df.columns]
     if missing:
         raise DataError(
@@ -142,6 +168,8 @@ def _from_frame(df: pd.DataFrame, cfg: DataConfig, name: str, where: str, row_wo
             raise DataError(f"{where}: {row_word} {bad[0] + 1} has a null/empty {c!r}{more}")
     texts = [str(t) for t in cols[cfg.text_column]]
     keys = cols[cfg.key_column] if cfg.key_column else None
+    if cfg.passage_column:
+        return _make_pairs(texts, [str(p) for p in cols[cfg.passage_column]], keys, name, where)
     return _make_dataset(texts, cols[cfg.label_column], keys, name, where)
 
 
@@ -171,10 +199,12 @@ def _load_csv(path: Path, cfg: DataConfig) -> TextDataset:
     return _from_frame(df, cfg, path.stem, where, row_word="data row")
 
 
-def _load_jsonl(path: Path, cfg: DataConfig) -> TextDataset:
-    where = f'"{path}"'
+def read_jsonl(path: Path, where: str) -> tuple[list[dict], list[int]]:
+    """JSON objects of a JSONL file and their line numbers; any bad line is a one-line DataError naming it.
+
+    Parsed line by line (not pandas.read_json) so that errors can name the line.
+    """
     records, lines = [], []
-    # Parsed line by line (not pandas.read_json) so that errors can name the line.
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
@@ -193,6 +223,12 @@ def _load_jsonl(path: Path, cfg: DataConfig) -> TextDataset:
                 raise DataError(f"{where} line {lineno}: expected a JSON object, got {type(rec).__name__}")
             records.append(rec)
             lines.append(lineno)
+    return records, lines
+
+
+def _load_jsonl(path: Path, cfg: DataConfig) -> TextDataset:
+    where = f'"{path}"'
+    records, lines = read_jsonl(path, where)
     if not records:
         raise DataError(f"{where}: dataset is empty (no rows)")
     df = pd.DataFrame.from_records(records)
@@ -224,7 +260,7 @@ def _load_hf_disk(path: Path, cfg: DataConfig) -> TextDataset:
     parts = list(obj.values()) if isinstance(obj, datasets.DatasetDict) else [obj]
     frames = []
     for part in parts:
-        missing = [c for c in (cfg.text_column, cfg.label_column, cfg.key_column) if c and c not in part.column_names]
+        missing = [c for c in _wanted_columns(cfg) if c not in part.column_names]
         if missing:
             split = f" (split {part.split})" if part.split else ""
             raise DataError(
@@ -232,7 +268,7 @@ def _load_hf_disk(path: Path, cfg: DataConfig) -> TextDataset:
                 f"available: {', '.join(repr(c) for c in part.column_names)}"
             )
         df = part.to_pandas()
-        feat = part.features.get(cfg.label_column)
+        feat = None if cfg.passage_column else part.features.get(cfg.label_column)
         if isinstance(feat, datasets.ClassLabel):  # use the class names, not their integer codes
             df[cfg.label_column] = [
                 feat.int2str(int(v)) if v is not None and v >= 0 else None for v in df[cfg.label_column]
@@ -281,6 +317,27 @@ def _load_text_corpus(cfg: DataConfig) -> TextDataset:
     return _make_dataset(corpus.documents, corpus.owners, corpus.owners, corpus.name, cfg.source)
 
 
+def _load_collection_pairs(cfg: DataConfig) -> TextDataset:
+    """(question, passage) pairs of a document collection, one per document, for training a retriever.
+
+    The query is the collection's question about the document — FOLDOC's "What is X?", the Elements'
+    "What is the atomic number of X?" (one question per element, so no passage is the positive of two
+    queries) — and the passage is the document's first chunk as :func:`~fedfm.data.dictd.chunk_document`
+    cuts it with its default sizes, i.e. the passage the RAG store indexes. The owner is the document's.
+    """
+    from fedfm.data.dictd import chunk_document, element_questions, foldoc_questions, load_collection
+
+    docs = load_collection(cfg.source, max_owners=cfg.owner_count)
+    if cfg.source == "foldoc":
+        questions = foldoc_questions(docs)
+    else:
+        questions = [q for q in element_questions(docs) if q.kind == "number"]
+    by_id = {d.id: d for d in docs}
+    relevant = [by_id[q.doc_ids[0]] for q in questions]
+    passages = [chunk_document(d)[0] for d in relevant]
+    return _make_pairs([q.text for q in questions], passages, [d.owner for d in relevant], cfg.source, cfg.source)
+
+
 def load_dataset(cfg: DataConfig, seed: int) -> TextDataset:
     """Load the corpus named by ``cfg.source``; subsample to ``cfg.max_examples`` (seeded) if set.
 
@@ -294,6 +351,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> TextDataset:
         ds = _load_bbc()
     elif cfg.source in TEXT_CORPORA:
         ds = _load_text_corpus(cfg)
+    elif cfg.source in COLLECTIONS:
+        ds = _load_collection_pairs(cfg)
     elif cfg.source in _FILE_LOADERS:
         if not cfg.path:
             raise DataError(f"data.path is required for data.source={cfg.source}")

@@ -1,0 +1,165 @@
+"""``fedfm rag eval``: retrieval and answer quality, latency and bytes of every mode, in one process.
+
+Retrieval: each question is sent once to every owner (passages mode, ``max(eval.ks)`` per owner); the
+same responses are merged exactly and by RRF, and the question is also searched in one centralized
+index over all the documents (the baseline a federation is weighed against). Recall@k and MRR are
+over documents (a document with several passages counts once, at its best rank).
+
+Answers (collections with known answers, e.g. the Elements): closed-book (the generator alone),
+centralized RAG, and each federated privacy mode, on the same questions, with latency and bytes per
+question. Results go to ``eval.json`` and ``eval.md`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from fedfm.data.dictd import Question, load_collection, questions_for
+from fedfm.rag.config import RagConfig
+from fedfm.rag.federation import FederatedRAG
+from fedfm.rag.generate import is_correct
+from fedfm.rag.merge import doc_ranking, merge_exact, merge_rrf, recall_at, reciprocal_rank
+from fedfm.rundir import atomic_write_text
+
+
+def evenly(items: list, n: int | None) -> list:
+    """``n`` items evenly spaced over ``items`` (all of them when ``n`` is None or large)."""
+    if not n or n >= len(items):
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def retrieval_eval(fed: FederatedRAG, questions: list[Question], ks: list[int], log=print, central: bool = True) -> dict:
+    """Recall@k and MRR of the federated exact merge, RRF and (if ``central``) one centralized index."""
+    kmax = max(ks)
+    methods = ("centralized", "federated_exact", "federated_rrf") if central else ("federated_exact", "federated_rrf")
+    rows = {m: {f"recall@{k}": [] for k in ks} | {"mrr": []} for m in methods}
+    identical, seconds, sent, received, missing = 0, [], [], [], 0
+    for i, q in enumerate(questions):
+        t0 = time.perf_counter()
+        out = fed.fan_out(fed.request(q.text, "passages", kmax, "eval"))
+        lists = fed.owner_lists(out)
+        exact = merge_exact(lists, kmax)
+        seconds.append(time.perf_counter() - t0)
+        sent.append(out.bytes_sent)
+        received.append(out.bytes_received)
+        missing += len(out.missing)
+        rrf = merge_rrf(lists, kmax, fed.cfg.query.rrf_k)
+        ranked = {"federated_exact": exact, "federated_rrf": rrf}
+        if central:
+            ranked["centralized"] = fed.central_retrieve(q.text, kmax)
+            identical += doc_ranking(exact) == doc_ranking(ranked["centralized"])
+        rel = set(q.doc_ids)
+        for m, hits in ranked.items():
+            ranking = doc_ranking(hits)
+            for k in ks:
+                rows[m][f"recall@{k}"].append(recall_at(ranking, rel, k))
+            rows[m]["mrr"].append(reciprocal_rank(ranking, rel))
+        if (i + 1) % 50 == 0:
+            log(f"retrieval: {i + 1}/{len(questions)} questions")
+    table = {m: {key: float(np.mean(v)) for key, v in r.items()} for m, r in rows.items()}
+    return {
+        "questions": len(questions), "k_per_owner": kmax, "metrics": table,
+        "exact_equals_centralized_rankings": identical if central else None,
+        "federated_seconds_per_question": float(np.mean(seconds)),
+        "bytes_per_question": float(np.mean(sent) + np.mean(received)),
+        "owner_answers_missing": missing,
+    }
+
+
+def answer_eval(fed: FederatedRAG, questions: list[Question], modes: list[str], log=print) -> dict:
+    out = {}
+    for mode in modes:
+        correct, secs, nbytes, used, refusals, examples = [], [], [], [], 0, []
+        for q in questions:
+            if mode == "closed_book":
+                ans = fed.ask_closed_book(q.text)
+            elif mode == "centralized":
+                ans = fed.ask_central(q.text)
+            else:
+                ans = fed.ask(q.text, mode=mode, requester="eval")
+            ok = bool(ans.text) and is_correct(ans.text, q.answers, q.kind)
+            correct.append(ok)
+            secs.append(ans.seconds)
+            nbytes.append(ans.bytes_sent + ans.bytes_received)
+            used.append(len(ans.owners_used))
+            refusals += sum(1 for why in ans.owners_missing.values() if why.startswith("refused"))
+            if len(examples) < 3:
+                examples.append({"question": q.text, "expected": list(q.answers), "answer": ans.text, "correct": ok,
+                                 "citations": [f"{o}/{d}" for o, d in ans.citations]})
+        out[mode] = {
+            "accuracy": float(np.mean(correct)), "correct": int(np.sum(correct)), "questions": len(questions),
+            "seconds_per_question": float(np.mean(secs)), "bytes_per_question": float(np.mean(nbytes)),
+            "owners_used_per_question": float(np.mean(used)), "refusals": refusals, "examples": examples,
+        }
+        log(f"answers [{mode}]: accuracy {out[mode]['accuracy']:.3f} ({out[mode]['correct']}/{len(questions)}), "
+            f"{out[mode]['seconds_per_question']:.2f} s and {out[mode]['bytes_per_question']:.0f} bytes per question")
+    return out
+
+
+def evaluate(cfg: RagConfig, root: Path, log=print, fed: FederatedRAG | None = None) -> dict:
+    docs = load_collection(cfg.collection.name, cfg.collection.path, cfg.collection.max_owners,
+                           cfg.collection.max_documents)
+    questions = evenly(questions_for(cfg.collection.name, docs), cfg.eval.max_questions)
+    own = fed is None
+    fed = fed or FederatedRAG(cfg, root)
+    try:
+        t0 = time.perf_counter()
+        fed.central_store()
+        result = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "collection": cfg.collection.name, "owners": {n: len(o.store) for n, o in fed.owners.items()},
+            "documents": len(docs), "send": cfg.query.send,
+        }
+        result["retrieval"] = retrieval_eval(fed, questions, sorted(cfg.eval.ks), log)
+        answerable = [q for q in questions if q.answers]
+        if answerable and cfg.eval.modes:
+            result["answers"] = answer_eval(fed, evenly(answerable, cfg.eval.answer_questions), cfg.eval.modes, log)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+    finally:
+        if own:
+            fed.close()
+    atomic_write_text(root / "eval.json", json.dumps(result, indent=1))
+    atomic_write_text(root / "eval.md", to_markdown(result))
+    return result
+
+
+MODE_NOTES = {
+    "closed_book": "the generator alone, no documents",
+    "centralized": "one index over all documents (the data pooled: what federation avoids)",
+    "passages": "owners send their top passages (text, ids, scores)",
+    "owner_answers": "owners answer from their own passages; only answers, confidences and cited ids leave",
+    "guarded": "passages above a score threshold, capped per query, budgeted per requester, audited",
+}
+
+
+def to_markdown(r: dict) -> str:
+    ret = r["retrieval"]
+    keys = list(next(iter(ret["metrics"].values())))
+    lines = [
+        f"# Federated RAG evaluation: {r['collection']} ({r['documents']} documents, {len(r['owners'])} owners)",
+        "",
+        f"- date: {r['date']}; question sent as {r['send']}",
+        f"- retrieval over {ret['questions']} questions; the exact merge gave the same document ranking as the "
+        f"centralized index for {ret['exact_equals_centralized_rankings']} of them",
+        "",
+        "| retrieval | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for m, row in ret["metrics"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    if "answers" in r:
+        lines += [
+            "",
+            "| answers | accuracy | correct | s / question | bytes / question | owners used | what leaves an owner |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m, a in r["answers"].items():
+            lines.append(f"| {m} | {a['accuracy']:.3f} | {a['correct']}/{a['questions']} | {a['seconds_per_question']:.2f} | "
+                         f"{a['bytes_per_question']:.0f} | {a['owners_used_per_question']:.1f} | {MODE_NOTES[m]} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,369 @@
+"""Federated RAG: dictd parsing, merges and metrics by hand, the owner's store, privacy modes, audit
+log, budget, deadline, and the federated exact merge against one centralized index on real data.
+
+Real components throughout: all-MiniLM-L6-v2 embeddings, FAISS, the Elements collection from Debian
+(fetched by ``fedfm data fetch``), SmolLM2-135M-Instruct for the end-to-end answer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedfm.cli import app
+from fedfm.data.dictd import (
+    Document,
+    b64_number,
+    chunk_document,
+    element_document,
+    element_questions,
+    foldoc_document,
+    load_collection,
+    read_dictd,
+)
+from fedfm.errors import DataError
+from fedfm.rag import config as rag_config
+from fedfm.rag.generate import is_correct
+from fedfm.rag.merge import OwnedHit, doc_ranking, merge_exact, merge_rrf, recall_at, reciprocal_rank
+
+# ---------------------------------------------------------------- dictd parsing (hand-made database)
+
+
+def test_b64_numbers_by_hand():
+    # dictd's alphabet A-Z a-z 0-9 + /: 'A'=0, 'b'=27, '/'=63, 'BA' = 1*64 + 0
+    assert [b64_number(s) for s in ("A", "b", "/", "BA", "NP1")] == [0, 27, 63, 64, 13 * 4096 + 15 * 64 + 53]
+    with pytest.raises(DataError):
+        b64_number("A-")
+
+
+def _b64(n: int) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    s = ""
+    while True:
+        s = alphabet[n % 64] + s
+        n //= 64
+        if not n:
+            return s
+
+
+def _write_dictd(tmp_path: Path, entries: list[tuple[list[str], str]]) -> tuple[Path, Path]:
+    raw, lines = b"", ["00databaseshort\tA\tB"]
+    for words, text in entries:
+        data = text.encode()
+        for w in words:
+            lines.append(f"{w}\t{_b64(len(raw))}\t{_b64(len(data))}")
+        raw += data
+    (tmp_path / "x.index").write_text("\n".join(lines) + "\n")
+    with gzip.open(tmp_path / "x.dict.dz", "wb") as fh:
+        fh.write(raw)
+    return tmp_path / "x.index", tmp_path / "x.dict.dz"
+
+
+FOLDOC_ENTRY = """16750C
+16C750
+
+   <hardware, networking> A {UART} with a 64-byte
+   {FIFO}.
+
+   The 16C750 is a {CMOS} version.
+
+   (2004-03-24)
+"""
+
+
+def test_read_dictd_merges_aliases_and_parses_foldoc_entries(tmp_path):
+    idx, dz = _write_dictd(tmp_path, [(["16750C", "16C750"], FOLDOC_ENTRY), (["iron"], "iron\nSymbol: Fe\nAtomic number: 26\nA metal.\n")])
+    entries = read_dictd(idx, dz)
+    assert [words for words, _ in entries] == [["16750C", "16C750"], ["iron"]]
+    doc = foldoc_document(*entries[0])
+    assert doc["title"] == "16750C" and doc["aliases"] == ["16C750"]
+    assert doc["tags"] == ["hardware", "networking"]
+    assert doc["text"] == "A UART with a 64-byte FIFO.\n\nThe 16C750 is a CMOS version."  # braces and date gone
+    el = element_document(*entries[1])
+    assert (el["symbol"], el["number"]) == ("Fe", 26)
+    (tmp_path / "x.index").write_text("broken line without tabs\n")
+    with pytest.raises(DataError, match="x.index:1"):
+        read_dictd(idx, dz)
+
+
+def test_chunking_windows_overlap_and_carry_the_title():
+    doc = Document("d", "Term", " ".join(f"w{i}" for i in range(20)), "o")
+    chunks = chunk_document(doc, words=8, overlap=2)
+    # windows start every 6 words: 0, 6, 12 (the last reaching word 19); each headed by the title
+    assert [c.split("\n")[1].split()[0] for c in chunks] == ["w0", "w6", "w12"]
+    assert all(c.startswith("Term\n") for c in chunks) and chunks[-1].endswith("w19")
+
+
+# ---------------------------------------------------------------- merges and metrics by hand
+
+
+def _h(owner, doc, chunk, score):
+    return OwnedHit(owner, doc, chunk, score)
+
+
+def test_exact_merge_and_rrf_by_hand():
+    lists = {"a": [_h("a", "a1", 1, 0.9), _h("a", "a2", 2, 0.5)], "b": [_h("b", "b1", 7, 0.8), _h("b", "b2", 8, 0.7)]}
+    assert [h.doc for h in merge_exact(lists, 3)] == ["a1", "b1", "b2"]
+    # RRF with rrf_k=60: rank-1 passages score 1/61 (a1, b1: tie broken by own score 0.9 > 0.8), rank-2 1/62
+    rrf = merge_rrf(lists, 4, rrf_k=60)
+    assert [h.doc for h in rrf] == ["a1", "b1", "b2", "a2"]
+    assert rrf[0].score == pytest.approx(1 / 61) and rrf[2].score == pytest.approx(1 / 62)
+
+
+def test_recall_and_mrr_by_hand():
+    hits = [_h("a", "x", 1, 0.9), _h("a", "x", 2, 0.8), _h("b", "y", 3, 0.7), _h("b", "z", 4, 0.6)]
+    ranking = doc_ranking(hits)
+    assert ranking == ["x", "y", "z"]  # x's second passage does not take a rank
+    assert recall_at(ranking, {"y"}, 1) == 0.0 and recall_at(ranking, {"y"}, 2) == 1.0
+    assert recall_at(ranking, {"y", "q"}, 3) == 0.5
+    assert reciprocal_rank(ranking, {"z"}) == pytest.approx(1 / 3) and reciprocal_rank(ranking, {"q"}) == 0.0
+
+
+def test_exact_merge_of_faiss_shards_equals_one_index():
+    """Random unit vectors split over 4 owners: the merged per-owner exact top-k is the top-k of one index."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    owner = rng.integers(0, 4, size=400)
+    whole = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    whole.add_with_ids(x, np.arange(400))
+    shards = {}
+    for o in range(4):
+        idx = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+        ids = np.flatnonzero(owner == o)
+        idx.add_with_ids(x[ids], ids)
+        shards[f"o{o}"] = idx
+    for q in rng.normal(size=(20, 16)).astype(np.float32):
+        q = (q / np.linalg.norm(q)).reshape(1, -1)
+        _, i = whole.search(q, 10)
+        lists = {}
+        for name, idx in shards.items():
+            sd, si = idx.search(q, 10)
+            lists[name] = [_h(name, str(c), int(c), float(s)) for s, c in zip(sd[0], si[0]) if c >= 0]
+        merged = merge_exact(lists, 10)
+        assert [h.chunk for h in merged] == i[0].tolist()
+
+
+def test_answer_checks():
+    assert is_correct("The atomic number of iron is 26.", ("26",), "number")
+    assert not is_correct("It is 126.", ("26",), "number") and not is_correct("26.98 u", ("26",), "number")
+    assert is_correct("The symbol is Fe.", ("Fe",), "symbol") and not is_correct("Ferrous", ("Fe",), "symbol")
+    assert not is_correct("Hydrogen", ("H",), "symbol") and is_correct("H", ("H",), "symbol")
+
+
+# ---------------------------------------------------------------- stores and owners on real data
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from fedfm.rag.embed import Embedder
+
+    return Embedder("minilm", max_length=128, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def elements():
+    return load_collection("elements")
+
+
+def test_embeddings_match_sentence_transformers(embedder):
+    st = pytest.importorskip("sentence_transformers")
+    from fedfm.models import resolve_model_path
+
+    texts = ["What is the atomic number of iron?", "Iron Symbol: Fe", "a much longer sentence " * 5]
+    ref = st.SentenceTransformer(str(resolve_model_path("minilm")), device="cpu").encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(embedder.encode(texts), ref, atol=1e-5)
+
+
+def test_store_adds_replaces_removes_and_survives_reopening(tmp_path, embedder, elements):
+    from fedfm.rag.store import OwnerStore
+
+    st = OwnerStore(tmp_path / "o", "minilm", embedder.dim, 96, 16)
+    st.add(elements[:5], embedder)
+    assert st.doc_ids() == {d.id for d in elements[:5]} and len(st) == 5
+    first_ids = set(st.chunks)
+    changed = Document(elements[0].id, elements[0].title, elements[0].text + " Extra sentence.", elements[0].owner)
+    st.add([changed], embedder)  # same id: replaced, with a fresh chunk id (never reused)
+    assert len(st) == 5 and not (set(st.chunks) - first_ids) <= first_ids
+    assert st.remove([elements[1].id]) == 1 and elements[1].id not in st.doc_ids()
+    st.save()
+    again = OwnerStore.open(tmp_path / "o")
+    assert again.chunks == st.chunks and again.next_id == st.next_id
+    q = embedder.encode([f"What is the atomic number of {elements[2].title}?"])[0]
+    assert again.search(q, 1)[0].doc == elements[2].id
+    (tmp_path / "o" / "index" / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="unreadable"):
+        OwnerStore.open(tmp_path / "o")
+
+
+def _cfg(tmp_path, **over):
+    p = tmp_path / "rag.yaml"
+    p.write_text(f"name: t\noutput_dir: {tmp_path}\ncollection: {{name: elements}}\n")
+    return rag_config.load(p, [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, embedder):
+    """The Elements indexed once (7 owner stores); tests copy it into their own run directory."""
+    from fedfm.rag.federation import index
+
+    root = tmp_path_factory.mktemp("indexed")
+    cfg = _cfg(root)
+    index(cfg, cfg.run_dir, log=lambda *_: None)
+    return cfg.run_dir / "owners"
+
+
+def _indexed_cfg(tmp_path, indexed, **over):
+    import shutil
+
+    cfg = _cfg(tmp_path, **over)
+    shutil.copytree(indexed, cfg.run_dir / "owners")
+    return cfg
+
+
+def test_federated_exact_merge_equals_centralized_index_on_elements(tmp_path, embedder, indexed):
+    """All 236 Elements questions: recall@k and MRR of the federated exact merge equal one central index's.
+
+    The question goes out as an embedding (computed once, not by each of the 7 owners: faster, same vector)."""
+    from fedfm.rag.evaluate import retrieval_eval
+    from fedfm.rag.federation import FederatedRAG
+
+    cfg = _indexed_cfg(tmp_path, indexed, **{"query.send": "embedding"})
+    fed = FederatedRAG(cfg, cfg.run_dir, embedder=embedder)
+    try:
+        qs = element_questions(load_collection("elements"))
+        r = retrieval_eval(fed, qs, [1, 5, 10], log=lambda *_: None)
+    finally:
+        fed.close()
+    m = r["metrics"]
+    assert r["questions"] == 236 and len(fed.owners) == 7
+    assert m["federated_exact"] == m["centralized"]
+    assert r["exact_equals_centralized_rankings"] == 236
+    assert m["centralized"]["recall@5"] > 0.95  # MiniLM finds an element's entry by its name
+    assert m["federated_rrf"]["recall@10"] <= m["federated_exact"]["recall@10"]
+
+
+def test_guarded_release_threshold_cap_budget_and_audit_chain(tmp_path, embedder, indexed):
+    from fedfm.rag.federation import FederatedRAG
+    from fedfm.rag.owner import verify_audit_log
+
+    cfg = _indexed_cfg(tmp_path, indexed, **{"guard.min_score": 0.55, "guard.max_k": 2, "guard.budget": 2, "query.k": 5})
+    fed = FederatedRAG(cfg, cfg.run_dir, embedder=embedder)
+    try:
+        hits, out = fed.retrieve("What is the atomic number of iron?", mode="guarded", requester="alice")
+        for resp in out.responses.values():
+            assert len(resp["hits"]) <= 2 and all(h["score"] >= 0.55 for h in resp["hits"])
+        assert hits[0].doc == "iron"
+        fed.retrieve("What is the chemical symbol of gold?", mode="guarded", requester="alice")
+        _, third = fed.retrieve("What is the chemical symbol of tin?", mode="guarded", requester="alice")
+        assert not third.responses and all("budget of 2 exhausted" in why for why in third.missing.values())
+        _, bob = fed.retrieve("What is the chemical symbol of tin?", mode="guarded", requester="bob")
+        assert len(bob.responses) == 7  # budgets are per requester
+        log = fed.owners["period-4"].audit_path
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [r["requester"] for r in records] == ["alice", "alice", "alice", "bob"]
+        assert records[0]["released"]["hits"][0]["doc"] == "iron"  # exactly what left, verbatim
+        assert "refused" in records[2]["released"]
+        assert verify_audit_log(log) == 4
+        lines = log.read_text().splitlines()
+        log.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # a removed line breaks the chain
+        with pytest.raises(ValueError, match="line 2"):
+            verify_audit_log(log)
+    finally:
+        fed.close()
+
+
+def test_embedding_mode_keeps_the_question_text_from_owners_and_malformed_queries_are_refused(tmp_path, embedder, indexed):
+    from fedfm.rag.federation import FederatedRAG
+
+    cfg = _indexed_cfg(tmp_path, indexed, **{"query.send": "embedding"})
+    fed = FederatedRAG(cfg, cfg.run_dir, embedder=embedder)
+    try:
+        hits, _ = fed.retrieve("What is the chemical symbol of tungsten?")
+        assert hits[0].doc == "tungsten"
+        audit = (cfg.run_dir / "owners" / "period-6" / "audit.jsonl").read_text()
+        assert "tungsten?" not in audit and "embedding sha256:" in audit
+        bad = fed.fan_out(b'{"mode": "passages", "embedding": "AAAA", "k": 3}')
+        assert not bad.responses and all("malformed query" in why for why in bad.missing.values())
+        junk = fed.fan_out(b"\xff not json")
+        assert len(junk.missing) == 7
+    finally:
+        fed.close()
+    with pytest.raises(Exception, match="owner_answers needs the question text"):
+        _cfg(tmp_path, **{"query.send": "embedding", "mode": "owner_answers"})
+
+
+def test_an_owner_past_the_deadline_is_left_out_and_named(tmp_path, embedder, indexed):
+    from fedfm.rag.federation import FederatedRAG
+
+    cfg = _indexed_cfg(tmp_path, indexed, **{"query.deadline_s": 1.0, "faults.slow_owners": "{period-4: 3.0}"})
+    fed = FederatedRAG(cfg, cfg.run_dir, embedder=embedder)
+    try:
+        hits, out = fed.retrieve("What is the atomic number of iron?")
+    finally:
+        fed.close()
+    assert "period-4" not in out.responses and "1 s deadline" in out.missing["period-4"]
+    assert len(out.responses) == 6 and "iron" not in doc_ranking(hits)  # iron lives at period-4
+
+
+def test_incremental_index_embeds_only_changes(tmp_path, embedder):
+    from fedfm.rag.federation import sync_store
+
+    cfg = _cfg(tmp_path)
+    docs = load_collection("elements")[:6]
+    first = sync_store(tmp_path / "o", "o", docs, embedder, cfg)
+    assert first["added_docs"] == 6
+    again = sync_store(tmp_path / "o", "o", docs[:5], embedder, cfg)
+    assert (again["added_docs"], again["removed_docs"], again["documents"]) == (0, 1, 5)
+
+
+# ---------------------------------------------------------------- CLI end to end with the generator
+
+
+@pytest.mark.slow
+def test_cli_index_ask_and_bad_input(tmp_path):
+    cfg = tmp_path / "rag.yaml"
+    cfg.write_text(f"name: e2e\noutput_dir: {tmp_path}\ncollection: {{name: elements}}\n"
+                   "generator: {max_new_tokens: 12, context_passages: 2}\n")
+    runner = CliRunner()
+    r = runner.invoke(app, ["rag", "index", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e2e" / "status.json").read_text())["status"] == "indexed"
+    r = runner.invoke(app, ["rag", "ask", str(cfg), "What is the chemical symbol of tungsten?", "--json"])
+    assert r.exit_code == 0, r.output
+    ans = json.loads(r.output)
+    assert "W" in ans["answer"].replace(".", " ").split()
+    assert {"owner": "period-6", "document": "tungsten"} == ans["citations"][0]
+    assert len(ans["owners_used"]) == 7 and ans["bytes_received"] > ans["bytes_sent"] > 0
+    r = runner.invoke(app, ["rag", "ask", str(cfg), "What is the atomic number of tungsten?", "--json",
+                            "--mode", "owner_answers"])
+    assert r.exit_code == 0, r.output
+    ans = json.loads(r.output)
+    assert is_correct(ans["answer"], ("74",), "number") and ans["citations"][0]["owner"] == "period-6"
+    # bad input: one line, exit code 2
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = runner.invoke(app, ["rag", "index", str(cfg), "--set", "collection.name=jsonl", "--set", f"collection.path={empty}",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "is empty" in r.output
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "a", "text": "fine", "owner": "x"}\n{"id": "b", "text": \n')
+    r = runner.invoke(app, ["rag", "index", str(cfg), "--set", "collection.name=jsonl", "--set", f"collection.path={broken}",
+                            "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "line 2: invalid JSON" in r.output
+    # every owner over its budget: the answer names them and makes nothing up
+    r = runner.invoke(app, ["rag", "ask", str(cfg), "What is the symbol of gold?", "--mode", "guarded",
+                            "--set", "guard.budget=0"])
+    assert r.exit_code == 0 and "no owner released anything" in r.output
+    assert r.output.count("budget of 0 exhausted") == 7
+    r = runner.invoke(app, ["rag", "ask", str(cfg), "hello", "--out", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "run `fedfm rag index` first" in r.output
+    r = runner.invoke(app, ["rag", "ask", str(cfg), "hello", "--mode", "shout"])
+    assert r.exit_code == 2 and "unknown mode 'shout'" in r.output
