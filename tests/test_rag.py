@@ -26,7 +26,7 @@ from fedfm.data.dictd import (
     load_collection,
     read_dictd,
 )
-from fedfm.errors import DataError
+from fedfm.errors import DataError, FedFMError
 from fedfm.rag import config as rag_config
 from fedfm.rag.generate import is_correct
 from fedfm.rag.merge import OwnedHit, doc_ranking, merge_exact, merge_rrf, recall_at, reciprocal_rank
@@ -217,14 +217,15 @@ def indexed(tmp_path_factory, embedder):
     root = tmp_path_factory.mktemp("indexed")
     cfg = _cfg(root)
     index(cfg, cfg.run_dir, log=lambda *_: None)
-    return cfg.run_dir / "owners"
+    return cfg.run_dir
 
 
 def _indexed_cfg(tmp_path, indexed, **over):
     import shutil
 
     cfg = _cfg(tmp_path, **over)
-    shutil.copytree(indexed, cfg.run_dir / "owners")
+    shutil.copytree(indexed / "owners", cfg.run_dir / "owners")
+    shutil.copyfile(indexed / "owners.json", cfg.run_dir / "owners.json")
     return cfg
 
 
@@ -273,9 +274,23 @@ def test_guarded_release_threshold_cap_budget_and_audit_chain(tmp_path, embedder
         assert "refused" in records[2]["released"]
         assert verify_audit_log(log) == 4
         lines = log.read_text().splitlines()
+        log.write_text("\n".join(lines[:3]) + "\n")  # the last line cut off: caught by the head record
+        with pytest.raises(ValueError, match="cut or edited tail"):
+            verify_audit_log(log)
         log.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # a removed line breaks the chain
         with pytest.raises(ValueError, match="line 2"):
             verify_audit_log(log)
+        # budgets persist on disk: a new server process cannot reset them
+        fed2 = FederatedRAG(cfg, cfg.run_dir, embedder=embedder)
+        try:
+            _, again = fed2.retrieve("What is the chemical symbol of tin?", mode="guarded", requester="alice")
+            assert not again.responses
+            # and an unreadable budget file fails closed
+            (fed2.owners["period-1"].root / "budget.json").write_text("{broken")
+            _, broken = fed2.retrieve("What is the chemical symbol of tin?", mode="guarded", requester="carol")
+            assert "unreadable" in broken.missing["period-1"] and len(broken.responses) == 6
+        finally:
+            fed2.close()
     finally:
         fed.close()
 
@@ -298,6 +313,14 @@ def test_embedding_mode_keeps_the_question_text_from_owners_and_malformed_querie
         fed.close()
     with pytest.raises(Exception, match="owner_answers needs the question text"):
         _cfg(tmp_path, **{"query.send": "embedding", "mode": "owner_answers"})
+    fed = FederatedRAG(cfg, cfg.run_dir, embedder=embedder)
+    try:
+        with pytest.raises(FedFMError, match="owner-side answering needs the question text"):
+            fed.ask("What is the symbol of gold?", mode="owner_answers")  # never silently sends the text
+    finally:
+        fed.close()
+    with pytest.raises(Exception, match="eval.ks"):
+        _cfg(tmp_path, **{"eval.ks": "[]"})
 
 
 def test_an_owner_past_the_deadline_is_left_out_and_named(tmp_path, embedder, indexed):
@@ -307,14 +330,22 @@ def test_an_owner_past_the_deadline_is_left_out_and_named(tmp_path, embedder, in
     fed = FederatedRAG(cfg, cfg.run_dir, embedder=embedder)
     try:
         hits, out = fed.retrieve("What is the atomic number of iron?")
+        assert "period-4" not in out.responses and "1 s deadline" in out.missing["period-4"]
+        assert len(out.responses) == 6 and "iron" not in doc_ranking(hits)  # iron lives at period-4
+        # the late owner is not sent more questions while it is still busy; the others keep answering
+        for q in ("What is the chemical symbol of gold?", "What is the chemical symbol of tin?"):
+            _, nxt = fed.retrieve(q)
+            assert len(nxt.responses) == 6 and "still busy" in nxt.missing["period-4"]
     finally:
         fed.close()
-    assert "period-4" not in out.responses and "1 s deadline" in out.missing["period-4"]
-    assert len(out.responses) == 6 and "iron" not in doc_ranking(hits)  # iron lives at period-4
 
 
-def test_incremental_index_embeds_only_changes(tmp_path, embedder):
+def test_incremental_index_embeds_only_changes_and_rebuilds_for_a_new_encoder(tmp_path, embedder):
+    import os
+
+    from fedfm.rag.embed import Embedder
     from fedfm.rag.federation import sync_store
+    from fedfm.rag.store import OwnerStore
 
     cfg = _cfg(tmp_path)
     docs = load_collection("elements")[:6]
@@ -322,6 +353,20 @@ def test_incremental_index_embeds_only_changes(tmp_path, embedder):
     assert first["added_docs"] == 6
     again = sync_store(tmp_path / "o", "o", docs[:5], embedder, cfg)
     assert (again["added_docs"], again["removed_docs"], again["documents"]) == (0, 1, 5)
+    edited = [Document(d.id, d.title, d.text + (" Edited." if i == 2 else ""), d.owner) for i, d in enumerate(docs[:5])]
+    third = sync_store(tmp_path / "o", "o", edited, embedder, cfg)
+    assert (third["added_docs"], third["removed_docs"]) == (1, 0)  # only the edited document is re-embedded
+    before = OwnerStore.open(tmp_path / "o")
+    # other weights or token limit -> other fingerprint -> a full rebuild, chunk ids continuing (never reused)
+    short = Embedder("minilm", max_length=64)
+    assert short.fingerprint != embedder.fingerprint
+    rebuilt = sync_store(tmp_path / "o", "o", edited, short, _cfg(tmp_path, **{"store.max_length": 64}))
+    after = OwnerStore.open(tmp_path / "o")
+    assert rebuilt["rebuilt"] and min(after.chunks) >= before.next_id and after.encoder_id == short.fingerprint
+    # a crash between the two renames of a save: the previous store is put back on the next open
+    os.makedirs(tmp_path / "o" / ".index-old-x")
+    os.replace(tmp_path / "o" / "index", tmp_path / "o" / ".index-old-x" / "index")
+    assert OwnerStore.open(tmp_path / "o").chunks == after.chunks
 
 
 # ---------------------------------------------------------------- CLI end to end with the generator
@@ -341,7 +386,8 @@ def test_cli_index_ask_and_bad_input(tmp_path):
     ans = json.loads(r.output)
     assert "W" in ans["answer"].replace(".", " ").split()
     assert {"owner": "period-6", "document": "tungsten"} == ans["citations"][0]
-    assert len(ans["owners_used"]) == 7 and ans["bytes_received"] > ans["bytes_sent"] > 0
+    assert len(ans["owners_answered"]) == 7 and "period-6" in ans["owners_used"]
+    assert ans["bytes_received"] > ans["bytes_sent"] > 0
     r = runner.invoke(app, ["rag", "ask", str(cfg), "What is the atomic number of tungsten?", "--json",
                             "--mode", "owner_answers"])
     assert r.exit_code == 0, r.output
@@ -358,6 +404,12 @@ def test_cli_index_ask_and_bad_input(tmp_path):
     r = runner.invoke(app, ["rag", "index", str(cfg), "--set", "collection.name=jsonl", "--set", f"collection.path={broken}",
                             "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "line 2: invalid JSON" in r.output
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"id": "a", "text": "caf\u00e9", "owner": "x"}\n'.encode("latin-1"))
+    r = runner.invoke(app, ["rag", "index", str(cfg), "--set", "collection.name=jsonl", "--set", f"collection.path={latin}",
+                            "--out", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "not valid UTF-8" in r.output
+    assert json.loads((tmp_path / "z" / "status.json").read_text())["status"] == "failed"
     # every owner over its budget: the answer names them and makes nothing up
     r = runner.invoke(app, ["rag", "ask", str(cfg), "What is the symbol of gold?", "--mode", "guarded",
                             "--set", "guard.budget=0"])
@@ -367,3 +419,17 @@ def test_cli_index_ask_and_bad_input(tmp_path):
     assert r.exit_code == 2 and "run `fedfm rag index` first" in r.output
     r = runner.invoke(app, ["rag", "ask", str(cfg), "hello", "--mode", "shout"])
     assert r.exit_code == 2 and "unknown mode 'shout'" in r.output
+
+
+def test_an_owner_with_a_damaged_store_is_named_in_every_answer(tmp_path, embedder, indexed):
+    from fedfm.rag.federation import FederatedRAG
+
+    cfg = _indexed_cfg(tmp_path, indexed)
+    (cfg.run_dir / "owners" / "period-2" / "index" / "chunks.jsonl").write_text("not json\n")
+    fed = FederatedRAG(cfg, cfg.run_dir, embedder=embedder)
+    try:
+        hits, out = fed.retrieve("What is the atomic number of carbon?")  # carbon lives at period-2
+    finally:
+        fed.close()
+    assert "store unavailable" in out.missing["period-2"] and len(out.responses) == 6
+    assert "carbon" not in doc_ranking(hits)

@@ -219,10 +219,17 @@ def rag_index(
     cfg, root = _rag_setup(config, overrides, out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rag_config.save(cfg, root / "config.yaml")
+    from fedfm.rundir import atomic_write_text
+
     _rag_status(root, "indexing")
-    report = index(cfg, root, central=central, log=out.print)
+    try:
+        report = index(cfg, root, central=central, log=out.print)
+    except BaseException as exc:
+        # each owner's store is swapped in whole, so those already done are intact; the run is not "indexed"
+        _rag_status(root, "failed", reason=f"{type(exc).__name__}: {exc}")
+        raise
+    atomic_write_text(root / "index.json", json.dumps(report, indent=1))
     _rag_status(root, "indexed", owners=len([k for k in report if not k.startswith("(")]))
-    (root / "index.json").write_text(json.dumps(report, indent=1))
     out.print(f"indexed {sum(r['documents'] for k, r in report.items() if not k.startswith('('))} documents "
               f"for {len([k for k in report if not k.startswith('(')])} owners in {root / 'owners'}")
 
@@ -258,7 +265,9 @@ def rag_ask(
     out.print(f"[bold]{ans.text if ans.text else '(no answer: no owner released anything for this question)'}[/]", soft_wrap=True)
     for i, (owner, doc) in enumerate(ans.citations, 1):
         out.print(f"  [{i}] {owner} / {doc}", soft_wrap=True)
-    out.print(f"owners used: {', '.join(ans.owners_used) or 'none'}", soft_wrap=True)
+    out.print(f"owners used: {', '.join(ans.owners_used) or 'none'} "
+              f"(answered in time: {len(ans.owners_answered)} of {len(ans.owners_answered) + len(ans.owners_missing)})",
+              soft_wrap=True)
     for owner, why in ans.owners_missing.items():
         out.print(f"[yellow]owner {owner} not used: {why}[/]", soft_wrap=True)
     out.print(f"mode {ans.mode}; {ans.seconds:.2f} s; {ans.bytes_sent} bytes sent, {ans.bytes_received} received")

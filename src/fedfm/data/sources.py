@@ -205,7 +205,11 @@ def read_jsonl(path: Path, where: str) -> tuple[list[dict], list[int]]:
     Parsed line by line (not pandas.read_json) so that errors can name the line.
     """
     records, lines = [], []
-    with open(path, "rb") as fh:
+    try:
+        fh = open(path, "rb")  # noqa: SIM115  (closed by the with below; open errors become one line)
+    except OSError as exc:
+        raise DataError(f"cannot read {where}: {exc.strerror}") from None
+    with fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")

@@ -7,7 +7,7 @@ values rejected with the valid choices named, the resolved config saved in the r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -93,7 +93,7 @@ class EvalConfig(Section):
         ["closed_book", "centralized", "passages", "owner_answers", "guarded"],
         description="Answering modes compared by `fedfm rag eval`.",
     )
-    ks: list[int] = Field([1, 5, 10], description="Cut-offs for recall@k.")
+    ks: list[Annotated[int, Field(ge=1)]] = Field([1, 5, 10], min_length=1, description="Cut-offs for recall@k.")
 
 
 class RagConfig(Section):

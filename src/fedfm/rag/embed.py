@@ -57,6 +57,30 @@ def load_encoder(source: str = "minilm") -> tuple[torch.nn.Module, object]:
     return model.eval(), tokenizer
 
 
+def encoder_fingerprint(source: str, max_length: int) -> str:
+    """SHA-256 over the encoder's weight files (and an adapter's base) and the token limit: two stores
+    embedded with different weights never mix, even when a retrained model is saved at the same path."""
+    import hashlib
+
+    from fedfm.models import resolve_model_path
+
+    path = Path(source).expanduser()
+    dirs = [path]
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig
+
+        dirs.append(Path(PeftConfig.from_pretrained(path).base_model_name_or_path))
+    else:
+        dirs = [resolve_model_path(source)]
+    h = hashlib.sha256(f"max_length={max_length}".encode())
+    for d in dirs:
+        for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+            with open(f, "rb") as fh:
+                h.update(f.name.encode())
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
 class Embedder:
     """Texts -> float32 unit vectors (n, dim), in batches, without gradients."""
 
@@ -66,6 +90,7 @@ class Embedder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.dim = int(self.model.config.hidden_size)
+        self.fingerprint = encoder_fingerprint(source, max_length)
         self._lock = threading.Lock()
 
     def encode(self, texts: list[str]) -> np.ndarray:

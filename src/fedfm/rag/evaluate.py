@@ -34,7 +34,8 @@ def evenly(items: list, n: int | None) -> list:
     return [items[int(i * len(items) / n)] for i in range(n)]
 
 
-def retrieval_eval(fed: FederatedRAG, questions: list[Question], ks: list[int], log=print, central: bool = True) -> dict:
+def retrieval_eval(fed: FederatedRAG, questions: list[Question], ks: list[int], log=print, central: bool = True,
+                   requester: str = "eval") -> dict:
     """Recall@k and MRR of the federated exact merge, RRF and (if ``central``) one centralized index."""
     kmax = max(ks)
     methods = ("centralized", "federated_exact", "federated_rrf") if central else ("federated_exact", "federated_rrf")
@@ -42,7 +43,7 @@ def retrieval_eval(fed: FederatedRAG, questions: list[Question], ks: list[int], 
     identical, seconds, sent, received, missing = 0, [], [], [], 0
     for i, q in enumerate(questions):
         t0 = time.perf_counter()
-        out = fed.fan_out(fed.request(q.text, "passages", kmax, "eval"))
+        out = fed.fan_out(fed.request(q.text, "passages", kmax, requester))
         lists = fed.owner_lists(out)
         exact = merge_exact(lists, kmax)
         seconds.append(time.perf_counter() - t0)
@@ -68,26 +69,28 @@ def retrieval_eval(fed: FederatedRAG, questions: list[Question], ks: list[int], 
         "exact_equals_centralized_rankings": identical if central else None,
         "federated_seconds_per_question": float(np.mean(seconds)),
         "bytes_per_question": float(np.mean(sent) + np.mean(received)),
-        "owner_answers_missing": missing,
+        "owners_missing_total": missing,
     }
 
 
-def answer_eval(fed: FederatedRAG, questions: list[Question], modes: list[str], log=print) -> dict:
+def answer_eval(fed: FederatedRAG, questions: list[Question], modes: list[str], log=print,
+                requester: str = "eval") -> dict:
     out = {}
     for mode in modes:
-        correct, secs, nbytes, used, refusals, examples = [], [], [], [], 0, []
+        correct, secs, nbytes, used, answered, refusals, examples = [], [], [], [], [], 0, []
         for q in questions:
             if mode == "closed_book":
                 ans = fed.ask_closed_book(q.text)
             elif mode == "centralized":
                 ans = fed.ask_central(q.text)
             else:
-                ans = fed.ask(q.text, mode=mode, requester="eval")
+                ans = fed.ask(q.text, mode=mode, requester=requester)
             ok = bool(ans.text) and is_correct(ans.text, q.answers, q.kind)
             correct.append(ok)
             secs.append(ans.seconds)
             nbytes.append(ans.bytes_sent + ans.bytes_received)
             used.append(len(ans.owners_used))
+            answered.append(len(ans.owners_answered))
             refusals += sum(1 for why in ans.owners_missing.values() if why.startswith("refused"))
             if len(examples) < 3:
                 examples.append({"question": q.text, "expected": list(q.answers), "answer": ans.text, "correct": ok,
@@ -95,7 +98,8 @@ def answer_eval(fed: FederatedRAG, questions: list[Question], modes: list[str], 
         out[mode] = {
             "accuracy": float(np.mean(correct)), "correct": int(np.sum(correct)), "questions": len(questions),
             "seconds_per_question": float(np.mean(secs)), "bytes_per_question": float(np.mean(nbytes)),
-            "owners_used_per_question": float(np.mean(used)), "refusals": refusals, "examples": examples,
+            "owners_used_per_question": float(np.mean(used)), "owners_answered_per_question": float(np.mean(answered)),
+            "refusals": refusals, "examples": examples,
         }
         log(f"answers [{mode}]: accuracy {out[mode]['accuracy']:.3f} ({out[mode]['correct']}/{len(questions)}), "
             f"{out[mode]['seconds_per_question']:.2f} s and {out[mode]['bytes_per_question']:.0f} bytes per question")
@@ -108,6 +112,12 @@ def evaluate(cfg: RagConfig, root: Path, log=print, fed: FederatedRAG | None = N
     questions = evenly(questions_for(cfg.collection.name, docs), cfg.eval.max_questions)
     own = fed is None
     fed = fed or FederatedRAG(cfg, root)
+    # a fresh requester name per evaluation: guarded budgets spent by earlier evaluations do not count here
+    requester = "eval-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    modes = list(cfg.eval.modes)
+    if cfg.query.send == "embedding" and "owner_answers" in modes:
+        modes.remove("owner_answers")
+        log("owner_answers skipped: it needs the question text at the owners and query.send=embedding")
     try:
         t0 = time.perf_counter()
         fed.central_store()
@@ -116,10 +126,10 @@ def evaluate(cfg: RagConfig, root: Path, log=print, fed: FederatedRAG | None = N
             "collection": cfg.collection.name, "owners": {n: len(o.store) for n, o in fed.owners.items()},
             "documents": len(docs), "send": cfg.query.send,
         }
-        result["retrieval"] = retrieval_eval(fed, questions, sorted(cfg.eval.ks), log)
+        result["retrieval"] = retrieval_eval(fed, questions, sorted(cfg.eval.ks), log, requester=requester)
         answerable = [q for q in questions if q.answers]
-        if answerable and cfg.eval.modes:
-            result["answers"] = answer_eval(fed, evenly(answerable, cfg.eval.answer_questions), cfg.eval.modes, log)
+        if answerable and modes:
+            result["answers"] = answer_eval(fed, evenly(answerable, cfg.eval.answer_questions), modes, log, requester)
         result["seconds"] = round(time.perf_counter() - t0, 1)
     finally:
         if own:
@@ -156,10 +166,11 @@ def to_markdown(r: dict) -> str:
     if "answers" in r:
         lines += [
             "",
-            "| answers | accuracy | correct | s / question | bytes / question | owners used | what leaves an owner |",
+            "| answers | accuracy | correct | s / question | bytes / question | owners used (answered) | what leaves an owner |",
             "|---|---|---|---|---|---|---|",
         ]
         for m, a in r["answers"].items():
             lines.append(f"| {m} | {a['accuracy']:.3f} | {a['correct']}/{a['questions']} | {a['seconds_per_question']:.2f} | "
-                         f"{a['bytes_per_question']:.0f} | {a['owners_used_per_question']:.1f} | {MODE_NOTES[m]} |")
+                         f"{a['bytes_per_question']:.0f} | {a['owners_used_per_question']:.1f} ({a.get('owners_answered_per_question', 0):.1f}) | "
+                         f"{MODE_NOTES[m]} |")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedfm.data.dictd import Document, chunk_document, load_collection
-from fedfm.errors import FedFMError
+from fedfm.errors import DataError, FedFMError
 from fedfm.rag.config import RagConfig
 from fedfm.rag.embed import Embedder
 from fedfm.rag.generate import Generator, Passage, normalise_answer
@@ -46,15 +46,17 @@ def group_by_owner(docs: list[Document]) -> dict[str, list[Document]]:
 def sync_store(root: Path, name: str, docs: list[Document], embedder: Embedder, cfg: RagConfig) -> dict:
     """Bring the store at ``root`` in line with ``docs``: add new or changed documents, remove gone ones.
 
-    A store built with another encoder or chunking is rebuilt from scratch. Returns counts.
+    A store built with other encoder weights, token limit or chunking is rebuilt from scratch (its chunk
+    ids continue where the old store's stopped). Returns counts.
     """
     s = cfg.store
     store = OwnerStore.open(root) if OwnerStore.exists(root) else None
-    if store is None or (store.encoder, store.chunk_words, store.chunk_overlap) != (s.encoder, s.chunk_words, s.chunk_overlap):
-        rebuilt = store is not None
-        store = OwnerStore(root, s.encoder, embedder.dim, s.chunk_words, s.chunk_overlap)
-    else:
-        rebuilt = False
+    same = store is not None and (store.encoder_id, store.chunk_words, store.chunk_overlap) == (
+        embedder.fingerprint, s.chunk_words, s.chunk_overlap)
+    rebuilt = store is not None and not same
+    if not same:
+        store = OwnerStore(root, s.encoder, embedder.dim, s.chunk_words, s.chunk_overlap, embedder.fingerprint,
+                           next_id=store.next_id if store is not None else 0)
     have: dict[str, list[str]] = {}
     for cid in sorted(store.chunks):
         doc, text = store.chunks[cid]
@@ -87,6 +89,9 @@ def index(cfg: RagConfig, root: Path, central: bool = False, log=print) -> dict:
     for d in sorted((root / "owners").iterdir()) if (root / "owners").is_dir() else []:
         if d.is_dir() and d.name not in known:
             log(f"note: {d} holds an owner no longer in the collection; it is not queried")
+    # the federation's membership: exactly these owners are queried, and any of them whose store cannot
+    # be opened is named in every answer rather than silently skipped
+    atomic_write_text(root / "owners.json", json.dumps({o: owner_dirname(o) for o in report}, indent=1))
     if central:
         report["(central)"] = sync_store(root / "central", "central", docs, embedder, cfg)
     return report
@@ -117,8 +122,9 @@ class Answer:
     mode: str
     text: str | None
     citations: list[tuple[str, str]]  # (owner, document), in the order given to the generator
-    owners_used: list[str]
+    owners_used: list[str]  # owners whose passages (or answer) the answer rests on
     owners_missing: dict[str, str] = field(default_factory=dict)  # owner -> why it is not in the answer
+    owners_answered: list[str] = field(default_factory=list)  # owners that replied in time (used or not)
     hits: list[OwnedHit] = field(default_factory=list)
     confidence: float | None = None
     seconds: float = 0.0
@@ -129,7 +135,8 @@ class Answer:
         return {
             "question": self.question, "mode": self.mode, "answer": self.text,
             "citations": [{"owner": o, "document": d} for o, d in self.citations],
-            "owners_used": self.owners_used, "owners_missing": self.owners_missing,
+            "owners_used": self.owners_used, "owners_answered": self.owners_answered,
+            "owners_missing": self.owners_missing,
             "confidence": self.confidence, "seconds": round(self.seconds, 4),
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
         }
@@ -151,23 +158,33 @@ class FederatedRAG:
     def __init__(self, cfg: RagConfig, root: Path, embedder: Embedder | None = None, generator: Generator | None = None):
         self.cfg, self.root = cfg, Path(root)
         owners_dir = self.root / "owners"
-        dirs = sorted(d for d in owners_dir.iterdir() if OwnerStore.exists(d)) if owners_dir.is_dir() else []
-        if not dirs:
-            raise FedFMError(f"no owner stores in {owners_dir}: run `fedfm rag index` first")
-        stores = [OwnerStore.open(d) for d in dirs]
-        for st in stores:
-            if st.encoder != cfg.store.encoder:
-                raise FedFMError(f"store {st.root} was indexed with encoder {st.encoder!r} but the config says "
-                                 f"{cfg.store.encoder!r}: run `fedfm rag index` again")
+        members_file = self.root / "owners.json"
+        if members_file.is_file():
+            members = json.loads(members_file.read_text())
+        else:  # a run indexed before membership files existed: every store under owners/
+            members = ({d.name: d.name for d in sorted(owners_dir.iterdir()) if OwnerStore.exists(d)}
+                       if owners_dir.is_dir() else {})
         self.embedder = embedder or Embedder(cfg.store.encoder, cfg.store.max_length, cfg.store.batch_size)
         self._generator = generator
         self._generator_lock = threading.Lock()
         shared = _SharedGenerator(self)
-        self.owners = {}
-        for st in stores:
-            name = _owner_name(st.root)
-            self.owners[name] = Owner(name, st, self.embedder, cfg, shared)
-        self.owners = dict(sorted(self.owners.items()))
+        self.owners: dict[str, Owner] = {}
+        self.unavailable: dict[str, str] = {}  # member -> why it cannot be asked
+        for name, dirname in sorted(members.items()):
+            root_o = owners_dir / dirname
+            try:
+                st = OwnerStore.open(root_o)
+            except DataError as exc:
+                self.unavailable[name] = f"store unavailable: {exc}"
+                continue
+            if st.encoder_id != self.embedder.fingerprint:
+                raise FedFMError(f"store {st.root} was indexed with other encoder weights or token limit than "
+                                 f"{cfg.store.encoder!r} (max_length {cfg.store.max_length}): run `fedfm rag index` again")
+            oname = name if members_file.is_file() else _owner_name(root_o)
+            self.owners[oname] = Owner(oname, st, self.embedder, cfg, shared)
+        if not self.owners:
+            raise FedFMError(f"no owner stores in {owners_dir}: run `fedfm rag index` first")
+        self._inflight: dict[str, object] = {}  # owner -> its unfinished request (a late owner gets no new ones)
         self._pool = ThreadPoolExecutor(max_workers=len(self.owners), thread_name_prefix="owner")
         self._central: OwnerStore | None = None
 
@@ -193,9 +210,18 @@ class FederatedRAG:
         return json.dumps(msg).encode()
 
     def fan_out(self, message: bytes) -> FanOut:
-        futures = {self._pool.submit(owner.handle, message): name for name, owner in self.owners.items()}
+        missing = dict(self.unavailable)
+        futures = {}
+        for name, owner in self.owners.items():
+            prev = self._inflight.get(name)
+            if prev is not None and not prev.done():  # still on an earlier question: do not queue behind it
+                missing[name] = "still busy with an earlier question it did not answer in time"
+                continue
+            fut = self._pool.submit(owner.handle, message)
+            self._inflight[name] = fut
+            futures[fut] = name
         done, late = wait(futures, timeout=self.cfg.query.deadline_s)
-        responses, missing, received = {}, {}, 0
+        responses, received = {}, 0
         for fut in done:
             name = futures[fut]
             try:
@@ -237,6 +263,11 @@ class FederatedRAG:
     # ------------------------------------------------------------------ answering
     def ask(self, question: str, mode: str | None = None, requester: str | None = None) -> Answer:
         mode = mode or self.cfg.mode
+        if mode == "owner_answers" and self.cfg.query.send == "embedding":
+            raise FedFMError("owner-side answering needs the question text at the owners, but query.send=embedding "
+                             "promises they never see it: use --mode passages or guarded, or set query.send=text")
+        if mode == "owner_answers":
+            _ = self.generator  # load it here, not inside an owner's thread while the deadline runs
         t0 = time.perf_counter()
         if mode == "owner_answers":
             out = self.fan_out(self.request(question, mode, self.cfg.query.per_owner_k or self.cfg.query.k,
@@ -245,7 +276,9 @@ class FederatedRAG:
         else:
             hits, out = self.retrieve(question, mode=mode, requester=requester)
             ans = self._generate(question, mode, hits)
-        ans.owners_used = sorted(out.responses)
+        ans.owners_answered = sorted(out.responses)
+        if mode != "owner_answers":  # owners whose passages reached the generator
+            ans.owners_used = sorted({o for o, _ in ans.citations})
         ans.owners_missing = out.missing
         ans.bytes_sent, ans.bytes_received = out.bytes_sent, out.bytes_received
         ans.seconds = time.perf_counter() - t0
@@ -274,8 +307,8 @@ class FederatedRAG:
         best = min(groups.values(), key=lambda g: (-pool(r["confidence"] for _, r in g), g[0][0]))
         top = max(best, key=lambda nr: nr[1]["confidence"])
         cites = [(name, doc) for name, r in best for doc in r.get("docs", [])]
-        return Answer(question, "owner_answers", top[1]["answer"], cites, [],
-                      confidence=round(sum(r["confidence"] for _, r in best), 6))
+        return Answer(question, "owner_answers", top[1]["answer"], cites, sorted(name for name, _ in best),
+                      confidence=round(pool(r["confidence"] for _, r in best), 6))
 
     # ------------------------------------------------------------------ baselines in the same process
     def central_store(self) -> OwnerStore:

@@ -25,7 +25,8 @@ def merge_exact(lists: dict[str, list[OwnedHit]], k: int) -> list[OwnedHit]:
 
     When every owner returns its own exact top-``k`` by the same similarity, this is exactly the top-k
     of one index over all the owners' passages: any passage of the global top-k is within the top-k of
-    the owner that holds it.
+    the owner that holds it. (Only passages with bit-identical scores may be ordered differently from a
+    central index, which breaks such ties by its own chunk ids.)
     """
     every = [h for hits in lists.values() for h in hits]
     return sorted(every, key=lambda h: (-h.score, h.owner, h.chunk))[:k]

@@ -11,18 +11,26 @@ What leaves the owner, per mode (each response is exactly the bytes returned by 
 
 In every mode the owner appends to ``audit.jsonl`` in its own directory, *before* replying, one line
 with the time, the requester, the query (text, or a hash of the embedding) and the exact payload
-released. Each line carries the SHA-256 of the previous line, so a deleted or edited line breaks
-the chain (:func:`verify_audit_log`). If the log cannot be written, nothing is released.
+released. Each line carries the SHA-256 of the previous line, and ``audit.head.json`` holds the line
+count and the last line's hash, so a deleted, edited or cut-off line is detected
+(:func:`verify_audit_log`). Appends and budget updates take file locks, so several processes may
+serve one owner directory. If the log cannot be written, nothing is released.
+
+Requester names are whatever the caller declares: in this in-process simulation nothing authenticates
+them (node authentication belongs to the networked engine), so a budget limits an honest or
+identified requester, not one free to invent names.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
 import threading
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,46 +65,63 @@ class Owner:
         self.root = store.root
         self._lock = threading.Lock()
         self._delay = float(cfg.faults.slow_owners.get(name, 0.0))
-        self._prev: str | None = None
 
     # ------------------------------------------------------------------ budget and audit
     @property
     def audit_path(self) -> Path:
         return self.root / "audit.jsonl"
 
-    def _budget(self) -> dict[str, int]:
-        p = self.root / "budget.json"
-        try:
-            return json.loads(p.read_text()) if p.is_file() else {}
-        except (OSError, ValueError):
-            return {}
+    @property
+    def head_path(self) -> Path:
+        return self.root / "audit.head.json"
 
-    def _last_hash(self) -> str:
-        """SHA-256 of the log's last line (read once, then kept up to date by :meth:`_audit`)."""
-        if self._prev is None:
-            self._prev = ""
-            if self.audit_path.is_file():
-                with open(self.audit_path, "rb") as fh:
-                    for line in fh:
-                        if line.strip():
-                            self._prev = hashlib.sha256(line.rstrip(b"\n")).hexdigest()
-        return self._prev
+    @contextmanager
+    def _locked(self, path: Path):
+        """An exclusive lock on ``path`` (created if missing), across threads and processes."""
+        with open(path, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield fh
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _charge(self, requester: str) -> str | None:
+        """Count one guarded query against ``requester``'s budget; the reason to refuse, or None.
+
+        Fails closed: a budget file that cannot be read refuses every query until it is repaired.
+        """
+        p = self.root / "budget.json"
+        with self._locked(self.root / "budget.lock"):
+            try:
+                budget = json.loads(p.read_text()) if p.is_file() else {}
+                if not isinstance(budget, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                return f"the owner's budget file {p.name} is unreadable ({exc}); queries are refused until it is repaired"
+            used = int(budget.get(requester, 0))
+            if used >= self.cfg.guard.budget:
+                return f"query budget of {self.cfg.guard.budget} exhausted for requester {requester!r}"
+            budget[requester] = used + 1
+            atomic_write_text(p, json.dumps(budget))
+        return None
 
     def _audit(self, request: dict, payload: dict, nbytes: int) -> None:
+        """Append one record under a file lock; the head file (line count, last hash) is the chain's anchor."""
         query = request.get("text")
         if query is None and "embedding" in request:
-            query = "embedding sha256:" + hashlib.sha256(request["embedding"].encode()).hexdigest()
-        record = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "requester": request.get("requester"), "qid": request.get("qid"), "mode": request.get("mode"),
-            "query": query, "bytes": nbytes, "released": payload, "prev": self._last_hash(),
-        }
-        line = json.dumps(record, ensure_ascii=False, sort_keys=True)
-        with open(self.audit_path, "a", encoding="utf-8") as fh:  # append-only
-            fh.write(line + "\n")
+            query = "embedding sha256:" + hashlib.sha256(str(request["embedding"]).encode()).hexdigest()
+        with self._locked(self.audit_path) as fh:
+            lines, prev = read_head(self.root)
+            record = {
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "requester": request.get("requester"), "qid": request.get("qid"), "mode": request.get("mode"),
+                "query": query, "bytes": nbytes, "released": payload, "prev": prev,
+            }
+            line = json.dumps(record, ensure_ascii=False, sort_keys=True)
+            fh.write((line + "\n").encode())  # append-only ("a" mode)
             fh.flush()
             os.fsync(fh.fileno())
-        self._prev = hashlib.sha256(line.encode()).hexdigest()
+            atomic_write_text(self.head_path, json.dumps({"lines": lines + 1, "last": hashlib.sha256(line.encode()).hexdigest()}))
 
     # ------------------------------------------------------------------ the endpoint
     def handle(self, message: bytes) -> bytes:
@@ -111,7 +136,7 @@ class Owner:
                     raise ValueError("not a JSON object")
                 request = parsed
                 payload = self._answer(request)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 payload = {"owner": self.name, "qid": request.get("qid"), "error": f"malformed query: {exc}"}
             body = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()
             self._audit(request, payload, len(body))
@@ -134,19 +159,17 @@ class Owner:
             raise ValueError("k must be at least 1")
         out = {"owner": self.name, "qid": request.get("qid")}
         requester = str(request.get("requester", "anonymous"))
+        qvec = self._query_vector(request)  # a malformed query is refused before it costs any budget
         if mode == "guarded":
-            budget = self._budget()
-            used = budget.get(requester, 0)
-            if used >= self.cfg.guard.budget:
-                return {**out, "refused": f"query budget of {self.cfg.guard.budget} exhausted for requester {requester!r}"}
-            budget[requester] = used + 1
-            atomic_write_text(self.root / "budget.json", json.dumps(budget))
+            refusal = self._charge(requester)
+            if refusal:
+                return {**out, "refused": refusal}
             k = min(k, self.cfg.guard.max_k)
-        hits = self.store.search(self._query_vector(request), k)
+        hits = self.store.search(qvec, k)
         if mode == "guarded":
             hits = [h for h in hits if h.score >= self.cfg.guard.min_score]
         if mode in ("passages", "guarded"):
-            return {**out, "hits": [{"doc": h.doc, "chunk": h.chunk, "score": round(h.score, 6), "text": h.text}
+            return {**out, "hits": [{"doc": h.doc, "chunk": h.chunk, "score": h.score, "text": h.text}
                                     for h in hits]}
         # owner-side answering: only an answer, its confidence and the cited document ids leave
         if self.generator is None:
@@ -160,8 +183,33 @@ class Owner:
                 "docs": list(dict.fromkeys(h.doc for h in used))}
 
 
+def read_head(root: Path) -> tuple[int, str]:
+    """(line count, SHA-256 of the last line) of an owner's audit log, from its head file.
+
+    A log written before head files existed is scanned once instead.
+    """
+    head, log = Path(root) / "audit.head.json", Path(root) / "audit.jsonl"
+    if head.is_file():
+        h = json.loads(head.read_text())
+        return int(h["lines"]), str(h["last"])
+    lines, last = 0, ""
+    if log.is_file():
+        with open(log, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    lines, last = lines + 1, hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+    return lines, last
+
+
 def verify_audit_log(path: Path) -> int:
-    """Check the hash chain of an owner's audit log; returns the number of lines, raises ValueError."""
+    """Check an owner's audit log: each line's ``prev`` is the SHA-256 of the line before (an edited or removed
+    line breaks the chain), and the head file's count and last hash match the end (a cut-off tail or an edited
+    last line is caught). Returns the number of lines; raises ValueError.
+
+    The head is kept beside the log at the owner; an owner that rewrites both can still fake history, so a
+    requester who needs proof keeps the head values it was shown.
+    """
+    path = Path(path)
     prev = ""
     n = 0
     with open(path, "rb") as fh:
@@ -170,4 +218,9 @@ def verify_audit_log(path: Path) -> int:
             if record.get("prev") != prev:
                 raise ValueError(f"{path}: line {n} does not follow line {n - 1} (edited or removed lines)")
             prev = hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+    head = path.parent / "audit.head.json"
+    if head.is_file():
+        h = json.loads(head.read_text())
+        if int(h["lines"]) != n or h["last"] != prev:
+            raise ValueError(f"{path}: ends at line {n} but its head records {h['lines']} lines (cut or edited tail)")
     return n

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,23 @@ class Hit:
     text: str
 
 
+def _recover(root: Path) -> None:
+    """After a crash between the two renames of :meth:`OwnerStore.save`, put the previous store back;
+    drop half-written temporary stores."""
+    if not root.is_dir():
+        return
+    if not (root / "index").exists():
+        olds = sorted(root.glob(".index-old-*/index"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], root / "index")
+    for tmp in root.glob(".index-new-*"):
+        if time.time() - tmp.stat().st_mtime > 3600:  # older than any save takes: a crash leftover
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in root.glob(".index-old-*"):
+        if not (old / "index").exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _faiss():
     import faiss
 
@@ -49,13 +67,14 @@ def _faiss():
 class OwnerStore:
     """Passages of one owner with an exact cosine index (see the module docstring for the layout)."""
 
-    def __init__(self, root: Path, encoder: str, dim: int, chunk_words: int, chunk_overlap: int):
+    def __init__(self, root: Path, encoder: str, dim: int, chunk_words: int, chunk_overlap: int,
+                 encoder_id: str = "", next_id: int = 0):
         self.root = Path(root)
-        self.encoder, self.dim = encoder, dim
+        self.encoder, self.dim, self.encoder_id = encoder, dim, encoder_id
         self.chunk_words, self.chunk_overlap = chunk_words, chunk_overlap
         self.index = _faiss().IndexIDMap2(_faiss().IndexFlatIP(dim))
         self.chunks: dict[int, tuple[str, str]] = {}  # chunk id -> (doc id, text)
-        self.next_id = 0
+        self.next_id = next_id  # a rebuilt store continues the numbering: chunk ids are never reused
 
     # ------------------------------------------------------------------ persistence
     @property
@@ -64,17 +83,20 @@ class OwnerStore:
 
     @classmethod
     def exists(cls, root: Path) -> bool:
+        _recover(Path(root))
         return (Path(root) / "index" / "manifest.json").is_file()
 
     @classmethod
     def open(cls, root: Path) -> OwnerStore:
         """Load a store written by :meth:`save`; a missing or damaged one is a one-line DataError."""
+        _recover(Path(root))
         d = Path(root) / "index"
         if not (d / "manifest.json").is_file():
             raise DataError(f"no document store in {root} (run `fedfm rag index` first)")
         try:
             m = json.loads((d / "manifest.json").read_text())
-            store = cls(Path(root), m["encoder"], int(m["dim"]), int(m["chunk_words"]), int(m["chunk_overlap"]))
+            store = cls(Path(root), m["encoder"], int(m["dim"]), int(m["chunk_words"]), int(m["chunk_overlap"]),
+                        m.get("encoder_id", ""))
             store.index = _faiss().read_index(str(d / "index.faiss"))
             with open(d / "chunks.jsonl", encoding="utf-8") as fh:
                 for line in fh:
@@ -91,14 +113,17 @@ class OwnerStore:
 
     def save(self) -> None:
         """Write the store to a temporary directory and swap it in (never a half-written index)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".index-", dir=self.root))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".index-new-", dir=self.root))
+        except OSError as exc:
+            raise DataError(f"cannot write the document store in {self.root}: {exc}") from None
         try:
             _faiss().write_index(self.index, str(tmp / "index.faiss"))
             with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps({"id": cid, "doc": doc, "text": text}, ensure_ascii=False) + "\n" for cid, (doc, text) in self.chunks.items())
             manifest = {
-                "version": MANIFEST_VERSION, "encoder": self.encoder, "dim": self.dim,
+                "version": MANIFEST_VERSION, "encoder": self.encoder, "encoder_id": self.encoder_id, "dim": self.dim,
                 "chunk_words": self.chunk_words, "chunk_overlap": self.chunk_overlap,
                 "next_id": self.next_id, "passages": len(self.chunks), "documents": len(self.doc_ids()),
             }
@@ -111,6 +136,9 @@ class OwnerStore:
             os.replace(tmp, self.index_dir)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"cannot write the document store in {self.root}: {exc}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
