@@ -43,7 +43,8 @@ def retrieval_eval(fed: FederatedRAG, questions: list[Question], ks: list[int], 
     identical, seconds, sent, received, missing = 0, [], [], [], 0
     for i, q in enumerate(questions):
         t0 = time.perf_counter()
-        out = fed.fan_out(fed.request(q.text, "passages", kmax, requester))
+        qvec = fed.embedder.encode([q.text])[0] if fed.cfg.query.send == "embedding" else None
+        out = fed.fan_out(fed.request(q.text, "passages", kmax, requester, qvec=qvec))
         lists = fed.owner_lists(out)
         exact = merge_exact(lists, kmax)
         seconds.append(time.perf_counter() - t0)
@@ -53,7 +54,7 @@ def retrieval_eval(fed: FederatedRAG, questions: list[Question], ks: list[int], 
         rrf = merge_rrf(lists, kmax, fed.cfg.query.rrf_k)
         ranked = {"federated_exact": exact, "federated_rrf": rrf}
         if central:
-            ranked["centralized"] = fed.central_retrieve(q.text, kmax)
+            ranked["centralized"] = fed.central_retrieve(q.text, kmax, qvec=qvec)  # reuses the vector if computed
             identical += doc_ranking(exact) == doc_ranking(ranked["centralized"])
         rel = set(q.doc_ids)
         for m, hits in ranked.items():
