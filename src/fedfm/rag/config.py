@@ -27,6 +27,12 @@ class CollectionConfig(Section):
     )
     max_documents: int | None = Field(None, ge=2, description="Evenly spaced subsample of the collection (speed).")
 
+    def documents(self):
+        """The collection's documents, with their owners (see :func:`fedfm.data.dictd.load_collection`)."""
+        from fedfm.data.dictd import load_collection
+
+        return load_collection(self.name, self.path, self.max_owners, self.max_documents)
+
 
 class StoreConfig(Section):
     encoder: str = Field("minilm", description="Embedding model: minilm, a model dir, or a fedfm run's final/ "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfm.data.dictd import Question, load_collection, questions_for
+from fedfm.data.dictd import Question, questions_for
 from fedfm.rag.config import RagConfig
 from fedfm.rag.federation import FederatedRAG
 from fedfm.rag.generate import is_correct
@@ -108,8 +108,7 @@ def answer_eval(fed: FederatedRAG, questions: list[Question], modes: list[str], 
 
 
 def evaluate(cfg: RagConfig, root: Path, log=print, fed: FederatedRAG | None = None) -> dict:
-    docs = load_collection(cfg.collection.name, cfg.collection.path, cfg.collection.max_owners,
-                           cfg.collection.max_documents)
+    docs = cfg.collection.documents()
     questions = evenly(questions_for(cfg.collection.name, docs), cfg.eval.max_questions)
     own = fed is None
     fed = fed or FederatedRAG(cfg, root)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfm.data.dictd import Document, chunk_document, load_collection
+from fedfm.data.dictd import Document, chunk_document
 from fedfm.errors import DataError, FedFMError
 from fedfm.rag.config import RagConfig
 from fedfm.rag.embed import Embedder
@@ -75,8 +75,7 @@ def sync_store(root: Path, name: str, docs: list[Document], embedder: Embedder, 
 
 def index(cfg: RagConfig, root: Path, central: bool = False, log=print) -> dict:
     """Build or update every owner's store under ``root/owners`` (and ``root/central`` if asked)."""
-    docs = load_collection(cfg.collection.name, cfg.collection.path, cfg.collection.max_owners,
-                           cfg.collection.max_documents)
+    docs = cfg.collection.documents()
     embedder = Embedder(cfg.store.encoder, cfg.store.max_length, cfg.store.batch_size)
     report = {}
     for owner, owned in group_by_owner(docs).items():
@@ -315,22 +314,18 @@ class FederatedRAG:
         """One index over every owner's documents (the centralized baseline), built on first use."""
         if self._central is None:
             root = self.root / "central"
-            docs = load_collection(self.cfg.collection.name, self.cfg.collection.path, self.cfg.collection.max_owners,
-                                   self.cfg.collection.max_documents)
+            docs = self.cfg.collection.documents()
             sync_store(root, "central", docs, self.embedder, self.cfg)
             self._central = OwnerStore.open(root)
+            # who holds each document, to label the central baseline's hits like the federation's
+            self._owner_of = {doc: name for name, o in self.owners.items() for doc in o.store.doc_ids()}
         return self._central
 
     def central_retrieve(self, question: str, k: int, qvec: np.ndarray | None = None) -> list[OwnedHit]:
-        store = self.central_store()
+        store = self.central_store()  # also fills self._owner_of
         q = self.embedder.encode([question])[0] if qvec is None else qvec
-        owner_of = self._doc_owner()
+        owner_of = self._owner_of
         return [OwnedHit(owner_of.get(h.doc, "central"), h.doc, h.chunk, h.score, h.text) for h in store.search(q, k)]
-
-    def _doc_owner(self) -> dict[str, str]:
-        if not hasattr(self, "_owner_of"):
-            self._owner_of = {doc: name for name, o in self.owners.items() for doc in o.store.doc_ids()}
-        return self._owner_of
 
     def ask_central(self, question: str) -> Answer:
         t0 = time.perf_counter()
