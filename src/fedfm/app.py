@@ -30,8 +30,10 @@ from fedfm.models import (
 )
 from fedfm.tasks.causal_lm import Blocks, CausalLMTask, pack
 from fedfm.tasks.classification import ClassificationTask, Encoded, encode
+from fedfm.tasks.instruction import Dialogs, InstructionTask, encode_dialogs
 from fedfm.tasks.retrieval import Pairs, RetrievalTask, encode_pairs
 from fedfm.client import derive_seed
+from fedfm.continual import Curriculum
 from fedfm.errors import ClientDropout
 from fedfm.privacy import dp
 from fedfm.privacy.aggregate import SECAGG_KEY, PrivateRound, client_vector
@@ -41,7 +43,9 @@ from fedfm.types import ClientTask, ClientUpdate, Weights
 log = logging.getLogger("fedfm")
 
 # the protocol steps an engine may run at a client besides training and evaluation (bytes in, bytes out)
-PROTOCOL_FUNCTIONS = ("secagg_advertise", "secagg_share_keys", "secagg_receive_shares", "secagg_unmask")
+PROTOCOL_FUNCTIONS = (
+    "secagg_advertise", "secagg_share_keys", "secagg_receive_shares", "secagg_unmask", "continual_fisher"
+)
 
 
 @dataclass
@@ -49,8 +53,8 @@ class Shard:
     """One participant's data: what it trains on and what it is evaluated on."""
 
     name: str
-    train: Encoded | Blocks | Pairs
-    test: Encoded | Blocks | Pairs
+    train: Encoded | Blocks | Pairs | Dialogs
+    test: Encoded | Blocks | Pairs | Dialogs
 
 
 class App:
@@ -60,7 +64,7 @@ class App:
         self.cfg = cfg
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
-        self.dataset: TextDataset = load_dataset(cfg.data, cfg.seed)
+        self.dataset: TextDataset = load_dataset(cfg.data, cfg.seed, cfg.task)
         self.split: FederatedSplit = split(
             self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed, cfg.server_data.fraction
         )
@@ -70,6 +74,14 @@ class App:
             data = encoded.subset
             self.task = ClassificationTask(len(self.dataset.label_names))
             self.model = load_classifier(cfg.model.source, self.dataset.label_names, cfg.peft, cfg.seed)
+        elif cfg.task == "instruction":
+            self.tokenizer = load_tokenizer(cfg.model.source)
+            dialogs = encode_dialogs(
+                self.tokenizer, self.dataset.texts, self.dataset.passages, cfg.data.max_length, cfg.data.system_prompt
+            )
+            data = dialogs.subset
+            self.task = InstructionTask(self.tokenizer, cfg.eval.generate, cfg.eval.max_new_tokens)
+            self.model = load_causal_lm(cfg.model.source, self.tokenizer, cfg.model.arch, cfg.peft, cfg.seed)
         elif cfg.task == "retrieval":
             self.tokenizer = load_tokenizer(cfg.model.source)
             pairs = encode_pairs(self.tokenizer, self.dataset.texts, self.dataset.passages, cfg.data.max_length)
@@ -105,13 +117,15 @@ class App:
         self._secagg: dict[int, object] = {}  # each client's protocol state for the current round
         self.initial_weights: Weights = get_weights(self.model)
         self.trainable_params, self.total_params = count_params(self.model)
+        # continual learning: which owners and examples take part in each stage (checked against the data here)
+        self.continual: Curriculum | None = Curriculum(self) if cfg.continual.active else None
 
     @property
     def client_shards(self) -> list[Shard]:
         """The clients' shards (the server's and the pooled baseline's, when present, come after them)."""
         return self.shards[: len(self.split.client_names)]
 
-    def _eval_subset(self, cfg: RunConfig) -> Encoded | Blocks | Pairs:
+    def _eval_subset(self, cfg: RunConfig) -> Encoded | Blocks | Pairs | Dialogs:
         n = len(self.global_test)
         if cfg.eval.max_examples is None or cfg.eval.max_examples >= n:
             return self.global_test
@@ -136,7 +150,8 @@ class App:
                 self._logit_offsets[index] = self.task.logit_offset(shard.train.labels, self.label_counts)
             offset = self._logit_offsets[index]
         update = client_loop.train(
-            self.model, shard.train, self.task, task, self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name,
+            self.model, self.continual.train_data(index, task.round) if self.continual else shard.train, self.task, task,
+            self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name,
             offset, self.cfg.dpsgd,
         )
         if "private" in task.config:
@@ -214,6 +229,10 @@ class App:
     def secagg_unmask(self, index: int, request: bytes) -> bytes:
         """Stage 4: the shares the server needs to remove masks; the round's client state is then discarded."""
         return self._protocol_step(index, lambda: self._secagg.pop(index).unmask(request))
+
+    def continual_fisher(self, index: int, request: bytes) -> bytes:
+        """Continual learning (ewc), at a stage end: this owner's diagonal Fisher at the weights in ``request``."""
+        return self.continual.fisher_reply(index, request)
 
     def client_evaluate(self, index: int, weights: Weights) -> dict[str, float]:
         set_weights(self.model, weights)

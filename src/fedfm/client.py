@@ -106,6 +106,7 @@ def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, par
     """The optimiser steps of one round; returns the summed loss and the last learning rate."""
     model.train()
     loss_sum, lr = torch.zeros(()), cfg.lr
+    pen = ctask.config.get("penalty")  # a fedfm.types.Penalty, or None
     for k, idx in enumerate(batches):
         lr = lr_at((ctask.round - 1 + k / len(batches)) / rounds, cfg)
         for group in opt.param_groups:
@@ -118,6 +119,10 @@ def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, par
         if ctask.prox_mu > 0:  # FedProx: mu/2 * ||w - w_global||^2 keeps the client near the global model
             prox = sum((p - ctask.weights[name]).pow(2).sum() for name, p in params.items())
             loss = loss + 0.5 * ctask.prox_mu * prox
+        if pen is not None:  # continual learning (EWC / L2-SP): c/2 * sum F (w - w_anchor)^2 keeps earlier stages
+            sq = {name: (p - pen.anchor[name]).pow(2) for name, p in params.items()}
+            quad = sum((sq[n] if pen.precision is None else pen.precision[n] * sq[n]).sum() for n in sq)
+            loss = loss + 0.5 * pen.coefficient * quad
         if not torch.isfinite(loss):
             loss = loss.detach()
             raise TrainingError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,12 +24,14 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     source: Literal[
-        "tweets", "bbc", "shakespeare", "brown", "austen", "foldoc", "elements", "csv", "jsonl", "parquet", "hf_disk"
+        "tweets", "bbc", "shakespeare", "brown", "austen", "foldoc", "elements", "chatterbot", "csv", "jsonl", "parquet",
+        "hf_disk",
     ] = Field(
         "tweets",
         description="Corpus: a packaged labelled corpus (tweets, bbc), a packaged text corpus for language "
         "modelling (shakespeare, brown, austen), a document collection giving (question, passage) pairs for "
-        "retrieval (foldoc, elements) or a generic file/dir format.",
+        "retrieval (foldoc, elements), instruction pairs with natural owners (foldoc 'What is X?' -> definition, "
+        "chatterbot dialogs by topic; task=instruction) or a generic file/dir format.",
     )
     owner: str | None = Field(
         None, description="Natural owner key of a text corpus: shakespeare play|role, brown genre, austen novel."
@@ -37,8 +39,16 @@ class DataConfig(Section):
     owner_count: int | None = Field(
         None,
         ge=1,
-        description="FOLDOC: the N most frequent domain tags are owners, every other entry is pooled as 'other' "
-        "(None: one owner per tag, over a hundred).",
+        description="FOLDOC (chatterbot): the N most frequent domain tags (topics) are owners, every other entry is "
+        "pooled as 'other' (None: one owner per tag, over a hundred for FOLDOC).",
+    )
+    max_per_key: int | None = Field(
+        None, ge=1, description="Seeded cap on the examples of each natural owner key (of each label when the source has "
+        "no owner keys), applied before max_examples."
+    )
+    response_words: int = Field(
+        32, ge=4, description="task=instruction on foldoc/chatterbot: reference responses are cut to this many words "
+        "(at a sentence end when one falls in them)."
     )
     path: str | None = Field(None, description="File or directory for csv/jsonl/parquet/hf_disk sources.")
     text_column: str = Field("text", description="Column holding the input text (generic sources; retrieval: the query).")
@@ -47,6 +57,12 @@ class DataConfig(Section):
         None,
         description="Column holding the relevant passage of each query (generic sources with task=retrieval; "
         "then no label column is read).",
+    )
+    system_prompt: str | None = Field(
+        None, description="task=instruction: the system turn of every conversation (None: the chat template's default)."
+    )
+    response_column: str | None = Field(
+        None, description="Column holding the reference response of each instruction (generic sources with task=instruction)."
     )
     key_column: str | None = Field(
         None, description="Column holding a natural owner key (generic sources); tweets use 'topic'."
@@ -72,7 +88,7 @@ class DataConfig(Section):
         ge=8,
         le=4096,
         description="Tokenised sequence length: truncation (classification; retrieval: of queries and passages), "
-        "block size (causal_lm).",
+        "block size (causal_lm), prompt + response tokens (instruction).",
     )
 
 
@@ -107,6 +123,13 @@ class PeftSection(Section):
         description="Keyword arguments of the peft config class (e.g. r, lora_alpha, target_modules, "
         "num_virtual_tokens); defaults per method are filled in by fedfm.models.",
     )
+    init_text: str | None = Field(
+        None,
+        description="Start soft prompts from real text instead of random vectors: "
+        "prompt_tuning takes the text's token embeddings (peft's TEXT init, Lester et al. 2021); prefix_tuning on a "
+        "causal LM takes the key/value activations the model computes for the text (Li & Liang 2021). The text is "
+        "repeated or cut to num_virtual_tokens tokens. None = peft's random initialisation.",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Freeze (and never send) trainable tensors whose name contains any of these strings: "
@@ -137,6 +160,7 @@ class TrainConfig(Section):
 
 FILE_SOURCES = ("csv", "jsonl", "parquet", "hf_disk")
 COLLECTIONS = ("foldoc", "elements")  # document collections read by fedfm.data.dictd
+INSTRUCTION_SOURCES = ("foldoc", "chatterbot")  # packaged corpora that give instruction pairs
 
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco", "median")
 # strategies that must see each client's update (robust statistics): incompatible with secagg and DP-FedAvg
@@ -249,6 +273,12 @@ class EngineConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and the last).")
+    generate: int = Field(
+        32, ge=0, description="task=instruction: test examples answered by greedy decoding for ROUGE-L / exact match "
+        "at each evaluation (the first N of the evaluated split; 0 = loss and perplexity only)."
+    )
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="task=instruction: token limit of a generated answer.")
+    samples: int = Field(8, ge=0, description="task=instruction: generated answers shown in the run report.")
     max_examples: int | None = Field(
         None, ge=1, description="Cap on global test examples evaluated each round (seeded subset)."
     )
@@ -292,15 +322,69 @@ class CompareConfig(Section):
     )
 
 
+class StageConfig(Section):
+    """One stage of a continual-learning schedule: its rounds, its data, its owners."""
+
+    rounds: int = Field(..., ge=1, description="Rounds of this stage.")
+    labels: list[str] | None = Field(
+        None, min_length=1, description="Class names trained and tested in this stage (class-incremental)."
+    )
+    keys: list[str] | None = Field(
+        None, min_length=1, description="Natural keys (e.g. tweet topics) trained and tested in this stage (domain-incremental)."
+    )
+    clients: list[int | str] | None = Field(
+        None, min_length=1, description="Owners (names or indices) taking part in this stage (None: every owner)."
+    )
+
+    @field_validator("labels", "keys", "clients")
+    @classmethod
+    def _unique(cls, v):
+        if v is not None and len(set(map(str, v))) != len(v):
+            raise ValueError("names must be unique")
+        return v
+
+
+class ContinualConfig(Section):
+    """Federated continual learning: a schedule of stages in which the owners' data and the owners change."""
+
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="Stages in order, e.g. [{rounds: 3, labels: [business, entertainment]}, {rounds: 3, labels: "
+        "[politics], clients: [0, 1, 2]}]; every stage gives labels, or every stage gives keys ([] = off). "
+        "rounds defaults to their sum.",
+    )
+    method: Literal["naive", "replay", "ewc", "l2sp"] = Field(
+        "naive",
+        description="'naive': train each stage on its data only; 'replay': each owner also trains on a private "
+        "bounded buffer of its earlier examples; 'ewc': clients add penalty/2 * sum F (w - w*)^2, F the federated "
+        "diagonal Fisher accumulated over stages, w* the global model at the last stage end; 'l2sp': the same with F = 1.",
+    )
+    replay_size: int = Field(32, ge=1, description="replay: examples kept in each owner's buffer (reservoir sampling).")
+    penalty: float | None = Field(
+        None,
+        ge=0,
+        description="ewc/l2sp: coefficient of the quadratic penalty, required by both: its scale depends on the model and "
+        "the method (a Fisher is small, so ewc needs a far larger value than l2sp; configs/continual_bbc.yaml: 1e5 and 1).",
+    )
+    fisher_examples: int = Field(
+        128, ge=1, description="ewc: examples of its stage data (seeded subset) each owner uses for its Fisher."
+    )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stages)
+
+
 class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>.")
     seed: int = Field(0, description="Seed for data splits, initialisation, sampling and local training.")
     rounds: int = Field(5, ge=1, description="Federated rounds.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
-    task: Literal["classification", "causal_lm", "retrieval"] = Field(
+    task: Literal["classification", "causal_lm", "retrieval", "instruction"] = Field(
         "classification",
-        description="Learning task: sequence classification, causal language modelling, or retrieval (contrastive "
-        "training of a sentence encoder on (query, passage) pairs).",
+        description="Learning task: sequence classification, causal language modelling, retrieval (contrastive "
+        "training of a sentence encoder on (query, passage) pairs), or instruction (supervised fine-tuning of a "
+        "chat model on (instruction, response) pairs, loss on the response only).",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -315,6 +399,20 @@ class RunConfig(Section):
     dp: DPConfig = Field(default_factory=DPConfig)
     dpsgd: DPSGDConfig = Field(default_factory=DPSGDConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_rounds(cls, raw: Any) -> Any:
+        """Continual learning: ``rounds`` defaults to the sum of the stages' rounds (when each is an integer)."""
+        section = raw.get("continual") if isinstance(raw, dict) else None
+        # a dict from YAML; on assignment (validate_assignment) the sections are already models, rounds already set
+        stages = (section or {}).get("stages") if isinstance(section, dict) or section is None else None
+        if isinstance(stages, list) and "rounds" not in raw:
+            counts = [st.get("rounds") if isinstance(st, dict) else None for st in stages]
+            if counts and all(isinstance(c, int) for c in counts):
+                raw = {**raw, "rounds": sum(counts)}
+        return raw
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -326,6 +424,7 @@ class RunConfig(Section):
         if self.data.source in text_corpora and self.task != "causal_lm":
             raise ValueError(f"data.source={self.data.source} is a text corpus: set task=causal_lm")
         self._check_retrieval()
+        self._check_instruction()
         if self.model.source == "scratch" and self.task != "causal_lm":
             raise ValueError("model.source=scratch builds a causal LM: set task=causal_lm")
         if self.model.source == "scratch" and not self.model.tokenizer:
@@ -333,6 +432,7 @@ class RunConfig(Section):
         if ("server" in self.compare.methods or self.server_data.steps > 0) and not self.server_data.active:
             raise ValueError("server_data.steps and the 'server' method need server_data.fraction > 0")
         self._check_privacy()
+        self._check_continual()
         return self
 
     def _check_retrieval(self) -> None:
@@ -344,12 +444,13 @@ class RunConfig(Section):
                 f"task=retrieval trains on (query, passage) pairs, which data.source={d.source} does not give: use "
                 "foldoc or elements, or a csv/jsonl/parquet/hf_disk file with data.passage_column"
             )
-        if d.source in COLLECTIONS and self.task != "retrieval":
+        if d.source in COLLECTIONS and self.task not in ("retrieval", "instruction"):
             raise ValueError(f"data.source={d.source} is a document collection of (question, passage) pairs: set task=retrieval")
         if d.passage_column is not None and self.task != "retrieval":
             raise ValueError("data.passage_column gives (query, passage) pairs: set task=retrieval (or unset it)")
-        if d.owner_count is not None and d.source != "foldoc":
-            raise ValueError("data.owner_count groups FOLDOC's domain tags into owners: it needs data.source=foldoc")
+        if d.owner_count is not None and d.source not in ("foldoc", "chatterbot"):
+            raise ValueError("data.owner_count groups FOLDOC's domain tags (chatterbot's topics) into owners: it needs "
+                             "data.source=foldoc or chatterbot")
         if self.task != "retrieval":
             return
         if self.peft.method not in ("none", "lora", "ia3"):
@@ -363,6 +464,31 @@ class RunConfig(Section):
                 "the others' negative), so per-example clipping would not bound one example's influence; use dp "
                 "(client-level DP-FedAvg) instead"
             )
+
+    def _check_instruction(self) -> None:
+        """Instruction pairs and task=instruction go together; a chat model is needed."""
+        d = self.data
+        if d.response_column is not None and self.task != "instruction":
+            raise ValueError("data.response_column gives (instruction, response) pairs: set task=instruction (or unset it)")
+        if d.source == "chatterbot" and self.task != "instruction":
+            raise ValueError("data.source=chatterbot gives (statement, reply) pairs: set task=instruction")
+        if self.task != "instruction":
+            return
+        pairs = d.source in INSTRUCTION_SOURCES or (d.source in FILE_SOURCES and d.response_column is not None)
+        if not pairs:
+            raise ValueError(
+                f"task=instruction trains on (instruction, response) pairs, which data.source={d.source} does not give: "
+                "use foldoc or chatterbot, or a csv/jsonl/parquet/hf_disk file with data.response_column"
+            )
+        if d.passage_column is not None:
+            raise ValueError("task=instruction reads data.response_column, not data.passage_column")
+        if self.model.source in ("minilm", "scratch"):
+            raise ValueError(
+                f"task=instruction needs a pretrained chat model with a chat template (model.source=smollm2 or a "
+                f"directory), not {self.model.source}"
+            )
+        if self.dpsgd.enabled:
+            raise ValueError("dpsgd with task=instruction is not supported: use dp (client-level DP-FedAvg)")
 
     def _check_privacy(self) -> None:
         """Composition rules: reject combinations whose privacy claim would not hold."""
@@ -409,6 +535,49 @@ class RunConfig(Section):
         if sa.enabled and self.federation.min_clients < 2:
             raise ValueError("secagg.enabled needs federation.min_clients >= 2: the 'sum' of one client is its update")
 
+    def _check_continual(self) -> None:
+        """A stage schedule must be complete and consistent; combinations it would silently break are refused."""
+        c = self.continual
+        if not c.active:
+            if c.method != "naive":
+                raise ValueError(f"continual.method={c.method} needs continual.stages")
+            return
+        if len(c.stages) < 2:
+            raise ValueError("continual.stages needs at least 2 stages (one stage is ordinary training)")
+        total = sum(st.rounds for st in c.stages)
+        if self.rounds != total:
+            raise ValueError(
+                f"rounds={self.rounds} but continual.stages take {total} rounds "
+                f"({' + '.join(str(st.rounds) for st in c.stages)}): set rounds to {total} or leave it out"
+            )
+        kinds = {("labels" if st.labels else "") + ("keys" if st.keys else "") for st in c.stages}
+        if len(kinds) != 1 or kinds == {""}:
+            raise ValueError(
+                "continual.stages: give labels in every stage (class-incremental) or keys in every stage "
+                "(domain-incremental), or both in every stage"
+            )
+        if self.task != "classification":
+            raise ValueError(f"continual.stages supports task=classification, not {self.task}")
+        if c.method in ("ewc", "l2sp") and c.penalty is None:
+            raise ValueError(
+                f"continual.method={c.method} needs continual.penalty (its scale depends on the model and method: "
+                "configs/continual_bbc.yaml uses 1e5 for ewc, 1 for l2sp)"
+            )
+        if self.server_data.active:
+            raise ValueError("continual.stages with server_data: the server's data has no stage schedule; unset server_data")
+        if self.train.logit_adjustment:
+            raise ValueError("continual.stages with train.logit_adjustment: the label prior changes by stage; turn it off")
+        if c.method in ("ewc", "l2sp") and self.dpsgd.enabled:
+            raise ValueError(
+                f"continual.method={c.method} with dpsgd: the penalty is not a sum over examples, so its gradient would "
+                "bypass DP-SGD's per-example clipping; use naive or replay"
+            )
+        if c.method == "ewc" and (self.dp.active or self.secagg.enabled):
+            raise ValueError(
+                "continual.method=ewc with dp/secagg: each owner's Fisher would be sent in the clear, outside the "
+                "protection; use l2sp or replay"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -432,8 +601,11 @@ def _yaml(text: str):
 def _section_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     """Valid keys of the (nested) section at ``loc``; used to enrich unknown-key messages."""
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (continual.stages.0)
+            continue
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # list[Section]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
@@ -467,7 +639,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 _SECTIONS = {
-    "data", "model", "peft", "train", "strategy", "federation", "engine", "eval", "compare", "server_data", "dp", "dpsgd", "secagg"
+    "data", "model", "peft", "train", "strategy", "federation", "engine", "eval", "compare", "server_data", "dp", "dpsgd", "secagg",
+    "continual",
 }
 
 

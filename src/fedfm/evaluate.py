@@ -21,7 +21,7 @@ def load_final(final: Path, source: str, task: str = "classification"):
         if not (final / "adapter_config.json").is_file() and not (final / "config.json").is_file():
             raise FedFMError(f"no final model in {final}: is the run complete?")
         return load_encoder(str(final))[0]
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if task in ("causal_lm", "instruction") else AutoModelForSequenceClassification
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 

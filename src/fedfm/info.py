@@ -46,8 +46,13 @@ def collect() -> dict[str, list[tuple[str, str]]]:
                        ("elements", "the chemical elements, owners by period")):
         state = "fetched" if collection_path(name).is_file() else f"run `fedfm data fetch --corpus {name}`"
         datasets.append((name, f"{what}, (question, passage) pairs (task=retrieval): {state}"))
+    datasets.append(("foldoc", "'What is X?' -> X's definition, owners by domain tag (task=instruction)"))
+    chat = "installed" if importlib.util.find_spec("chatterbot_corpus") else "pip install chatterbot-corpus"
+    datasets.append(("chatterbot", f"chatterbot-corpus, 2k dialogs in 21 topics, owners by topic (task=instruction): {chat}"))
     datasets.append(("csv / jsonl / parquet / hf_disk",
                      "your own (query, passage) pairs: data.path + text_column / passage_column / key_column (task=retrieval)"))
+    datasets.append(("csv / jsonl / parquet / hf_disk",
+                     "your own (instruction, response) pairs: data.path + text_column / response_column / key_column (task=instruction)"))
     return {
         "models": models,
         "datasets": datasets,

@@ -73,6 +73,8 @@ def _quiet_transformers() -> None:
 
     # peft calls a transformers API deprecated in 5.x; the warning is theirs, not the user's
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # peft's prompt methods ignore position ids during generation and say so on every call
+    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -85,7 +87,7 @@ def load_tokenizer(source: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(source))
 
 
-def peft_config(section: PeftSection, task_type: str):
+def peft_config(section: PeftSection, task_type: str, model_path: Path | None = None):
     """Build the peft config object for ``section.method`` with fedfm's defaults filled in."""
     import peft
 
@@ -97,6 +99,9 @@ def peft_config(section: PeftSection, task_type: str):
         "p_tuning": peft.PromptEncoderConfig,
     }
     options = {**PEFT_DEFAULTS[section.method], **section.options}
+    if section.init_text is not None and section.method == "prompt_tuning":
+        options.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=section.init_text,
+                       tokenizer_name_or_path=str(model_path))
     try:
         return classes[section.method](task_type=task_type, **options)
     except TypeError as exc:
@@ -206,8 +211,37 @@ def load_causal_lm(source: str, tokenizer, arch: dict[str, Any], section: PeftSe
     if section.method != "none":
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config(section, "CAUSAL_LM"))
+        model = get_peft_model(model, peft_config(section, "CAUSAL_LM", None if source == "scratch" else path))
+        if section.method == "prefix_tuning" and section.init_text is not None:
+            init_prefix_from_text(model, tokenizer, section.init_text)
     return freeze(model, section.freeze)
+
+
+def init_prefix_from_text(model, tokenizer, text: str) -> None:
+    """Set a prefix-tuning adapter's keys and values to those the model computes for real text.
+
+    Li & Liang (2021, section 7.2) found initialising prefixes with activations of real words much better
+    than random vectors, which swamp a pretrained model's attention (peft offers random or zero only, so
+    this is written here). peft stores the prefix as an embedding of shape [virtual tokens, layers x 2 x
+    kv-heads x head dim], reshaped in ``get_prompt`` to (layer, key|value, head, dim): this fills it in that
+    order from the key/value cache of one forward pass over the text (repeated or cut to length).
+    """
+    cfg = model.active_peft_config
+    if cfg.prefix_projection:
+        raise ModelError("peft.init_text with prefix_tuning needs prefix_projection=false (the raw prefix is set)")
+    n = cfg.num_virtual_tokens
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ModelError("peft.init_text is empty after tokenisation")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    with torch.no_grad(), model.disable_adapter():
+        cache = model.get_base_model()(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+        layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each [2, heads, n, dim]
+        prefix = torch.stack(layers).permute(3, 0, 1, 2, 4).reshape(n, -1)  # [n, layers, 2, heads, dim] flattened
+        emb = model.prompt_encoder[model.active_adapter].embedding.weight
+        if prefix.shape != emb.shape:
+            raise ModelError(f"prefix activations {tuple(prefix.shape)} do not match peft's prefix {tuple(emb.shape)}")
+        emb.copy_(prefix)
 
 
 def freeze(model: torch.nn.Module, patterns: list[str]) -> torch.nn.Module:

@@ -45,11 +45,15 @@ _ROUND_PLOTS = (
     ("perplexity", "perplexity", "Perplexity", "Global test perplexity", False),
     ("recall_at_5", "recall@5", "Recall@5 (%)", "Global test recall@5", True),
     ("mrr", "mrr", "MRR", "Global test mean reciprocal rank", False),
+    ("rouge_l", "rougeL", "ROUGE-L F1 (%)", "Global test ROUGE-L of generated answers", True),
 )
 
 # Retrieval runs (task=retrieval) report recall@1, recall@5 and MRR where classification reports accuracy and
 # macro-F1; recall@5 is their headline (the "vs centralized" ratio, the final bar plot).
 RETRIEVAL_KEYS = ("recall@1", "recall@5", "mrr")
+# Instruction tuning (task=instruction): ROUGE-L F1 and exact match of greedy answers, with the response perplexity;
+# ROUGE-L is the headline.
+INSTRUCTION_KEYS = ("rougeL", "exact_match")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -213,6 +217,8 @@ def _final_metrics(run: dict) -> dict:
         "own_loss": own.get("loss"),
         **{k: glob.get(k) if from_summary else _last_value(metrics, k) for k in RETRIEVAL_KEYS},
         **{f"own_{k}": own.get(k) for k in RETRIEVAL_KEYS},
+        **{k: glob.get(k) if from_summary else _last_value(metrics, k) for k in INSTRUCTION_KEYS},
+        **{f"own_{k}": own.get(k) for k in INSTRUCTION_KEYS},
         "bytes_total": summary.get("bytes_total", _total_bytes(metrics)),
         "wall_time_s": summary.get("wall_time_s", _last_value(metrics, "wall_time_s")),
         "rounds": summary.get("rounds", _last_value(metrics, "round") or len(metrics)),
@@ -299,7 +305,7 @@ def plot_rounds(histories: dict[str, list[dict]], out_dir: Path) -> list[Path]:
 
 def _plot_final_accuracy(rows: list[dict], path: Path) -> Path | None:
     """Grouped bars: final global and own-split accuracy (retrieval: recall@5) per method."""
-    key, name = ("recall@5", "Recall@5") if _is_retrieval(rows) else ("accuracy", "Accuracy")
+    key, name = ("rougeL", "ROUGE-L") if _is_instruction(rows) else ("recall@5", "Recall@5") if _is_retrieval(rows) else ("accuracy", "Accuracy")
     if not any(_finite(r.get(k)) is not None for r in rows for k in (key, f"own_{key}")):
         return None
     fig, ax = _new_figure()
@@ -414,7 +420,7 @@ def _final_section(run: dict) -> str:
     """The final-metrics table (from summary.json, else from the last evaluated round)."""
     fm = _final_metrics(run)
     scope = "mean over clients' own models" if run["method"] == "local" else "global model"
-    cols = _metric_columns(_is_retrieval([fm]))
+    cols = _metric_columns(_is_retrieval([fm]), _is_instruction([fm]))
     rows = [
         (f"Global test set ({scope})", fmt_num(fm["loss"]), *(f(fm[k]) for k, _, _, f in cols)),
         ("Own test splits (mean over clients)", fmt_num(fm["own_loss"]), *(f(fm[f"own_{k}"]) for k, _, _, f in cols)),
@@ -457,7 +463,7 @@ def _rounds_section(metrics: list[dict]) -> str:
         return '<p class="note">No rounds recorded.</p>'
     rows, cum = [], 0.0
     private = any(rec.get("epsilon") is not None for rec in metrics)
-    cols = _metric_columns(_is_retrieval(metrics))
+    cols = _metric_columns(_is_retrieval(metrics), _is_instruction(metrics))
     for rec in metrics:
         cum += (_finite(rec.get("bytes_down")) or 0) + (_finite(rec.get("bytes_up")) or 0)
         clients = rec.get("clients")
@@ -480,7 +486,8 @@ def _clients_section(summary: dict | None) -> str:
     if not clients:
         return '<p class="note">No per-client results.</p>'
     rows = []
-    cols = _metric_columns(_is_retrieval([summary.get("global") or {}]))
+    glob_m = summary.get("global") or {}
+    cols = _metric_columns(_is_retrieval([glob_m]), _is_instruction([glob_m]))
     for c in sorted(clients, key=lambda c: _natural_key(c.get("client", ""))):
         own, glob = c.get("own") or {}, c.get("global") or {}
         rows.append((c.get("client", _DASH), fmt_num(c.get("n_train")), fmt_num(c.get("n_test")),
@@ -489,6 +496,80 @@ def _clients_section(summary: dict | None) -> str:
     headers = ["Client", "Train n", "Test n", *(f"Own {short}" for _, _, short, _ in cols), "Own loss",
                *(f"Global {short}" for _, _, short, _ in cols), "Global loss"]
     return _html_table(headers, rows)
+
+
+def _samples_section(run_dir: Path) -> str:
+    """Generated answers of the final model(s) beside their references (task=instruction's samples.json)."""
+    try:
+        groups = json.loads((Path(run_dir) / "samples.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return ""
+    out = ["<h2>Generated samples</h2>"]
+    for g in groups:
+        if len(groups) > 1:
+            out.append(f"<h3>{_e(g.get('group', _DASH))}</h3>")
+        rows = [(s.get("instruction", ""), s.get("reference", ""), s.get("answer", ""), fmt_pct(s.get("rougeL")))
+                for s in g.get("samples") or []]
+        out.append(_html_table(["Instruction", "Reference", "Generated (greedy)", "ROUGE-L"], rows))
+    return "\n".join(out)
+
+
+def _plot_matrix(matrix: list[list[float]], names: list[str], path: Path) -> Path:
+    """The continual-learning accuracy matrix as an annotated heat map (rows: after stage i; columns: stage j)."""
+    fig, ax = _new_figure()
+    pct = [[(_finite(x) or 0.0) * 100 for x in row] for row in matrix]
+    im = ax.imshow(pct, vmin=0, vmax=100, cmap="viridis")
+    for i, row in enumerate(pct):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black")
+    ticks = [f"{k + 1}: {n}" if n else str(k + 1) for k, n in enumerate(names)]
+    ax.set_xticks(range(len(pct[0])), ticks[: len(pct[0])], rotation=15, fontsize=8)
+    ax.set_yticks(range(len(pct)), ticks[: len(pct)], fontsize=8)
+    ax.set_xlabel("Evaluated on the test set of stage")
+    ax.set_ylabel("After training stage")
+    ax.set_title("Accuracy matrix (%)")
+    fig.colorbar(im, ax=ax)
+    return _save_figure(fig, path)
+
+
+def _continual_section(run: dict) -> str:
+    """Continual learning (summary.json's ``continual``): the accuracy matrix as a heat map, ACC / BWT / FWT."""
+    cl = (run["summary"] or {}).get("continual")
+    if not isinstance(cl, dict) or not cl.get("matrix"):
+        return ""
+    stages = [st if isinstance(st, dict) else {} for st in cl.get("stages") or []]
+    names = [", ".join(map(str, st.get("labels") or st.get("keys") or [])) for st in stages]
+
+    def pts(x: Any) -> str:
+        v = _finite(x)
+        return _DASH if v is None else f"{v * 100:+.1f} points"
+
+    rows = [
+        ("Method", cl.get("method", _DASH)),
+        ("ACC: final accuracy, mean over stages' test sets", fmt_pct(cl.get("acc"))),
+        ("BWT: backward transfer (negative = forgetting)", pts(cl.get("bwt"))),
+        ("FWT: forward transfer (vs the untrained model)", pts(cl.get("fwt"))),
+    ]
+    if cl.get("penalty") is not None:
+        rows.append(("Penalty coefficient", fmt_num(cl["penalty"])))
+    replay = cl.get("replay") or {}
+    if replay:
+        memory = (f"{fmt_num(replay.get('examples_total'))} examples over all owners (at most "
+                  f"{fmt_num(replay.get('examples_max_per_owner'))} each), {fmt_bytes(replay.get('text_bytes_total'))} of text")
+        rows.append(("Replay memory", memory))
+    if cl.get("bytes_down") or cl.get("bytes_up"):
+        rows.append(("Extra communication (anchor, Fisher)", f"{fmt_bytes(cl.get('bytes_down'))} down, {fmt_bytes(cl.get('bytes_up'))} up"))
+    matrix = cl["matrix"]
+    plot = _plot_matrix(matrix, names, run["dir"] / "plots" / "continual_matrix.png")
+    head = ["After stage \\ test of stage", *(f"{j + 1}" for j in range(len(matrix[0])))]
+    body = [(f"{i + 1}" + (f" ({names[i]})" if i < len(names) and names[i] else ""), *map(fmt_pct, row)) for i, row in enumerate(matrix)]
+    if cl.get("initial"):
+        body.append(("untrained model (b)", *map(fmt_pct, cl["initial"])))
+    return "\n".join([
+        "<h2>Continual learning</h2>", _html_table(["Quantity", "Value"], rows), _html_table(head, body), _html_images([plot]),
+    ])
 
 
 def _status_line(run: dict) -> str:
@@ -515,9 +596,11 @@ def write_run_report(run_dir: Path) -> Path:
         f"<h1>fedfm run report: {_e(name)}</h1>", _status_line(run),
         "<h2>Configuration</h2>", _html_table(["Setting", "Value"], _key_config_rows(run["config"])),
         "<h2>Final metrics</h2>", _final_section(run),
+        _continual_section(run),
         "<h2>Plots</h2>", _html_images(plots),
         "<h2>Per round</h2>", _rounds_section(run["metrics"]),
         "<h2>Per client</h2>", _clients_section(run["summary"]),
+        _samples_section(run["dir"]),
     ])
     return _write_text(run["dir"] / "report.html", _html_page(f"fedfm report: {name}", body))
 
@@ -553,7 +636,8 @@ def _comparison_row(run: dict) -> dict:
     fm = _final_metrics(run)
     keys = ("accuracy", "macro_f1", "loss", "perplexity", "own_accuracy", "own_perplexity", "bytes_total", "wall_time_s", "rounds")
     retrieval = {k: fm[k] for k in (*RETRIEVAL_KEYS, "own_recall@5")} if _is_retrieval([fm]) else {}
-    return {"method": run["method"], **{k: fm[k] for k in keys}, **retrieval, "status": run["state"]}
+    instruction = {k: fm[k] for k in (*INSTRUCTION_KEYS, "own_rougeL")} if _is_instruction([fm]) else {}
+    return {"method": run["method"], **{k: fm[k] for k in keys}, **retrieval, **instruction, "status": run["state"]}
 
 
 def _is_lm(rows: list[dict]) -> bool:
@@ -564,8 +648,15 @@ def _is_retrieval(rows: list[dict]) -> bool:
     return any(_finite(r.get("recall@5")) is not None for r in rows)
 
 
-def _metric_columns(retrieval: bool) -> list[tuple[str, str, str, Any]]:
+def _is_instruction(rows: list[dict]) -> bool:
+    return any(_finite(r.get("rougeL")) is not None for r in rows)
+
+
+def _metric_columns(retrieval: bool, instruction: bool = False) -> list[tuple[str, str, str, Any]]:
     """The quality columns of the HTML tables: (metric key, label, short label, formatter)."""
+    if instruction:
+        return [("rougeL", "ROUGE-L", "R-L", fmt_pct), ("exact_match", "Exact match", "EM", fmt_pct),
+                ("perplexity", "Perplexity", "PPL", fmt_num)]
     if retrieval:
         return [("recall@1", "Recall@1", "R@1", fmt_pct), ("recall@5", "Recall@5", "R@5", fmt_pct), ("mrr", "MRR", "MRR", fmt_num)]
     return [("accuracy", "Accuracy", "acc", fmt_pct), ("macro_f1", "Macro-F1", "F1", fmt_pct)]
@@ -574,7 +665,7 @@ def _metric_columns(retrieval: bool) -> list[tuple[str, str, str, Any]]:
 def _relative(rows: list[dict]) -> dict[str, float]:
     """Accuracy (language models: perplexity; retrieval: recall@5) of each method divided by centralized's,
     when both are known."""
-    key = "perplexity" if _is_lm(rows) else "recall@5" if _is_retrieval(rows) else "accuracy"
+    key = "rougeL" if _is_instruction(rows) else "perplexity" if _is_lm(rows) else "recall@5" if _is_retrieval(rows) else "accuracy"
     cent = next((_finite(r.get(key)) for r in rows if r["method"] == "centralized"), None)
     if not cent:
         return {}
@@ -585,7 +676,11 @@ def _relative(rows: list[dict]) -> dict[str, float]:
 def _comparison_cells(comparison: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted rows of the comparison table (comparison.md and report.html)."""
     rel = comparison.get("relative_to_centralized", {})
-    if _is_retrieval(comparison["rows"]):
+    if _is_instruction(comparison["rows"]):
+        headers = ["Method", "ROUGE-L", "Exact match", "Loss", "Perplexity", "Own-split ROUGE-L"]
+        quality = [lambda r: fmt_pct(r.get("rougeL")), lambda r: fmt_pct(r.get("exact_match")), lambda r: fmt_num(r["loss"]),
+                   lambda r: fmt_num(r.get("perplexity")), lambda r: fmt_pct(r.get("own_rougeL"))]
+    elif _is_retrieval(comparison["rows"]):
         headers = ["Method", "Recall@1", "Recall@5", "MRR", "Loss", "Own-split R@5"]
         quality = [lambda r: fmt_pct(r.get("recall@1")), lambda r: fmt_pct(r.get("recall@5")),
                    lambda r: fmt_num(r.get("mrr")), lambda r: fmt_num(r["loss"]), lambda r: fmt_pct(r.get("own_recall@5"))]
@@ -622,7 +717,8 @@ def _per_client_comparison(runs: list[dict]) -> str:
     if not table:
         return '<p class="note">No per-client results.</p>'
     methods = [r["method"] for r in runs]
-    key, short = ("recall@5", "R@5") if _is_retrieval([(r["summary"] or {}).get("global") or {} for r in runs]) else ("accuracy", "acc")
+    globs = [(r["summary"] or {}).get("global") or {} for r in runs]
+    key, short = ("rougeL", "ROUGE-L") if _is_instruction(globs) else ("recall@5", "R@5") if _is_retrieval(globs) else ("accuracy", "acc")
     headers = ["Client"] + [f"{m} {kind} {short}" for m in methods for kind in ("own", "global")]
     rows = []
     for client in sorted(table, key=_natural_key):
@@ -656,7 +752,7 @@ def write_comparison(compare_dir: Path, methods: list[str] | None = None) -> dic
     plots = plot_rounds({r["method"]: r["metrics"] for r in runs}, compare_dir / "plots")
     bar = _plot_final_accuracy(rows, compare_dir / "plots" / "final_accuracy.png")
     plots = ([bar] if bar else []) + plots
-    headline = "Recall@5" if _is_retrieval(rows) else "Accuracy"
+    headline = "ROUGE-L" if _is_instruction(rows) else "Recall@5" if _is_retrieval(rows) else "Accuracy"
     body = "\n".join([
         f"<h1>fedfm comparison: {_e(compare_dir.name)}</h1>",
         "<h2>Methods</h2>", _comparison_html_table(comparison),
@@ -675,35 +771,40 @@ def write_comparison(compare_dir: Path, methods: list[str] | None = None) -> dic
 def comparison_table(comparison: dict) -> Table:
     """A rich table of a comparison.json dict, for console printing (fits an 80-column terminal)."""
     rel = comparison.get("relative_to_centralized") or {}
-    if _is_lm(comparison.get("rows", [])):
-        table = Table(title="Language modelling: perplexity on the global test set", box=box.SIMPLE_HEAD)
-        table.add_column("Method", no_wrap=True)
-        for col in ("PPL", "Tok acc", "Own PPL", "Sent", "Time", "/ cent."):
-            table.add_column(col, justify="right", no_wrap=True)
-        for r in comparison.get("rows", []):
-            ratio = rel.get(r.get("method"))
-            table.add_row(str(r.get("method", _DASH)), fmt_num(r.get("perplexity")), fmt_pct(r.get("accuracy")),
-                          fmt_num(r.get("own_perplexity")), fmt_bytes(r.get("bytes_total")),
-                          fmt_duration(r.get("wall_time_s")), _DASH if ratio is None else f"{ratio:.3f}")
-        return table
-    if _is_retrieval(comparison.get("rows", [])):
-        table = Table(title="Retrieval: held-out questions ranked against the global test passages", box=box.SIMPLE_HEAD)
-        table.add_column("Method", no_wrap=True)
-        for col in ("R@1", "R@5", "MRR", "Own R@5", "Sent", "Time", "/ cent."):
-            table.add_column(col, justify="right", no_wrap=True)
-        for r in comparison.get("rows", []):
-            table.add_row(str(r.get("method", _DASH)), fmt_pct(r.get("recall@1")), fmt_pct(r.get("recall@5")),
-                          fmt_num(r.get("mrr"), 3), fmt_pct(r.get("own_recall@5")), fmt_bytes(r.get("bytes_total")),
-                          fmt_duration(r.get("wall_time_s")), fmt_pct(rel.get(r.get("method"))))
-        return table
-    table = Table(title="Federated vs centralized vs local (global test set)", box=box.SIMPLE_HEAD)
+    rows = comparison.get("rows", [])
+
+    def ratio(r: dict) -> str:
+        return fmt_pct(rel.get(r.get("method")))
+
+    if _is_instruction(rows):
+        title = "Instruction tuning: generated answers on the global test set"
+        cols = ("ROUGE-L", "EM", "PPL", "Own R-L")
+        cells = lambda r: (fmt_pct(r.get("rougeL")), fmt_pct(r.get("exact_match")), fmt_num(r.get("perplexity")),  # noqa: E731
+                           fmt_pct(r.get("own_rougeL")))
+    elif _is_lm(rows):
+        title = "Language modelling: perplexity on the global test set"
+        cols = ("PPL", "Tok acc", "Own PPL")
+        cells = lambda r: (fmt_num(r.get("perplexity")), fmt_pct(r.get("accuracy")), fmt_num(r.get("own_perplexity")))  # noqa: E731
+
+        def ratio(r: dict) -> str:  # perplexity: lower is better, shown as a plain ratio
+            x = rel.get(r.get("method"))
+            return _DASH if x is None else f"{x:.3f}"
+    elif _is_retrieval(rows):
+        title = "Retrieval: held-out questions ranked against the global test passages"
+        cols = ("R@1", "R@5", "MRR", "Own R@5")
+        cells = lambda r: (fmt_pct(r.get("recall@1")), fmt_pct(r.get("recall@5")), fmt_num(r.get("mrr"), 3),  # noqa: E731
+                           fmt_pct(r.get("own_recall@5")))
+    else:
+        title = "Federated vs centralized vs local (global test set)"
+        cols = ("Accuracy", "Macro-F1", "Own acc")
+        cells = lambda r: (fmt_pct(r.get("accuracy")), fmt_pct(r.get("macro_f1")), fmt_pct(r.get("own_accuracy")))  # noqa: E731
+    table = Table(title=title, box=box.SIMPLE_HEAD)
     table.add_column("Method", no_wrap=True)
-    for col in ("Accuracy", "Macro-F1", "Own acc", "Sent", "Time", "/ cent."):
+    for col in (*cols, "Sent", "Time", "/ cent."):
         table.add_column(col, justify="right", no_wrap=True)
-    for r in comparison.get("rows", []):
-        table.add_row(str(r.get("method", _DASH)), fmt_pct(r.get("accuracy")), fmt_pct(r.get("macro_f1")),
-                      fmt_pct(r.get("own_accuracy")), fmt_bytes(r.get("bytes_total")),
-                      fmt_duration(r.get("wall_time_s")), fmt_pct(rel.get(r.get("method"))))
+    for r in rows:
+        table.add_row(str(r.get("method", _DASH)), *cells(r), fmt_bytes(r.get("bytes_total")),
+                      fmt_duration(r.get("wall_time_s")), ratio(r))
     return table
 
 
@@ -713,7 +814,11 @@ def run_table(summary: dict) -> Table:
     table = Table(title=f"Final metrics: {summary.get('method', 'run')}")
     table.add_column("Evaluation")
     lm = "perplexity" in (summary.get("global") or {})
-    if "recall@5" in (summary.get("global") or {}):
+    instruction = "rougeL" in (summary.get("global") or {})
+    if instruction:
+        for col in ("Loss", "Perplexity", "ROUGE-L", "Exact match"):
+            table.add_column(col, justify="right")
+    elif "recall@5" in (summary.get("global") or {}):
         for col in ("Loss", "Recall@1", "Recall@5", "MRR"):
             table.add_column(col, justify="right")
     else:
@@ -721,6 +826,9 @@ def run_table(summary: dict) -> Table:
             table.add_column(col, justify="right")
     for label, key in (("Global test set", "global"), ("Own splits (mean)", "own_mean")):
         m = summary.get(key) or {}
+        if instruction:
+            table.add_row(label, fmt_num(m.get("loss")), fmt_num(m.get("perplexity")), fmt_pct(m.get("rougeL")), fmt_pct(m.get("exact_match")))
+            continue
         if "recall@5" in (summary.get("global") or {}):
             table.add_row(label, fmt_num(m.get("loss")), fmt_pct(m.get("recall@1")), fmt_pct(m.get("recall@5")), fmt_num(m.get("mrr"), 3))
             continue

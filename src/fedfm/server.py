@@ -38,6 +38,8 @@ from fedfm import __version__, report
 from fedfm.app import App
 from fedfm.client import derive_seed, examples_per_round
 from fedfm.config import RunConfig
+from fedfm.continual import PREFIX as CONTINUAL_PREFIX
+from fedfm.continual import ContinualRun
 from fedfm.engines import build_engine
 from fedfm.errors import FedFMError, TrainingError
 from fedfm.models import save_pretrained, set_weights
@@ -52,6 +54,9 @@ from fedfm.types import ClientTask, ClientUpdate, ServerState, Weights
 
 log = logging.getLogger("fedfm")
 METHODS = ("federated", "centralized", "local", "server")
+# ServerState.opt keys the round loop keeps away from the strategy (which stays a pure function of its own state):
+# DP's adaptive clip norm, continual learning's anchor and Fisher
+SERVER_KEYS = ("dp.", CONTINUAL_PREFIX)
 
 
 @dataclass
@@ -69,21 +74,25 @@ def plan_groups(app: App, method: str) -> list[Group]:
     if method == "local":
         return [Group(app.shards[i].name, [i]) for i in range(n)]
     if method == "centralized":
-        # same budget of examples seen per round as the federation: expected sampled share of all clients' work
-        per_client = [examples_per_round(len(app.shards[i].train), app.cfg.train) for i in range(n)]
-        share = num_sampled(n, app.cfg) / n
         pooled = next((i for i, s in enumerate(app.shards) if s.name == "pooled"), None)
         pooled = app.add_pooled_shard() if pooled is None else pooled
-        examples = max(1, round(share * sum(per_client)))
-        if app.cfg.compare.centralized == "synchronous":  # data-parallel: one big step per client step
-            return [Group("pooled", [pooled], examples, app.cfg.train.batch_size * num_sampled(n, app.cfg))]
-        return [Group("pooled", [pooled], examples)]
+        return [pooled_group(pooled, [len(app.shards[i].train) for i in range(n)], app.cfg)]
     if method == "server":
         if app.server_index is None:
             raise FedFMError("method 'server' needs server data: set server_data.fraction > 0")
         steps = app.cfg.server_data.steps or math.ceil(len(app.shards[app.server_index].train) / app.cfg.train.batch_size)
         return [Group("server", [app.server_index], steps * app.cfg.train.batch_size)]
     raise FedFMError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+
+
+def pooled_group(pooled: int, sizes: list[int], cfg: RunConfig) -> Group:
+    """The centralized participant, seeing per round the same budget of examples as a federation of owners with
+    ``sizes`` training examples: the expected sampled share of all their work."""
+    n = len(sizes)
+    examples = max(1, round(num_sampled(n, cfg) / n * sum(examples_per_round(k, cfg.train) for k in sizes)))
+    if cfg.compare.centralized == "synchronous":  # data-parallel: one big step per client step
+        return Group("pooled", [pooled], examples, cfg.train.batch_size * num_sampled(n, cfg))
+    return Group("pooled", [pooled], examples)
 
 
 def num_sampled(n: int, cfg: RunConfig) -> int:
@@ -161,6 +170,7 @@ class Runner:
         # Algorithm 2 runs inside federated training only (the 'server' method is its data alone)
         self.server_steps = self.cfg.server_data.steps if method == "federated" and app.server_index is not None else 0
         self.stopped: str | None = None  # why the run ended before cfg.rounds (a privacy budget), if it did
+        self.cl = ContinualRun(app, method) if app.continual is not None else None  # continual learning's stages
         self.private = None  # DP-FedAvg and/or secure aggregation: federated training only (validated in config)
         if method == "federated" and (self.cfg.dp.active or self.cfg.secagg.enabled):
             n = len(app.split.client_names)
@@ -189,14 +199,20 @@ class Runner:
         r = states.round + 1
         t0 = time.perf_counter()
         options = self.strategy.client_options()
-        picks = [sample(group, r, self.cfg) for group in self.groups]
+        groups = self.stage_groups(r)
+        picks = [sample(group, r, self.cfg) for group in groups]
         bar = progress.add_task(f"round {r} clients", total=sum(map(len, picks))) if progress else None
         on_done = (lambda u: progress.advance(bar)) if progress else None
         due = r % self.cfg.eval.every == 0 or r == self.cfg.rounds
         seen, rejected, evals, bytes_down = [], [], [], 0
-        for g, (group, members) in enumerate(zip(self.groups, picks)):
+        for g, (group, members) in enumerate(zip(groups, picks)):
             st = states[g]
+            if not members and self.cl is not None:  # continual learning: this group's owner sits the stage out
+                states[g] = ServerState(r, st.weights, st.opt)
+                evals += [self.app.server_evaluate(st.weights)] if due else []
+                continue
             extra = {"batch_size": group.batch_size} if group.batch_size else {}
+            extra.update(self.cl.client_config(st.opt) if self.cl else {})  # the penalty of ewc / l2sp
             jobs = [(i, ClientTask(r, st.weights, group.num_examples, config=extra, **options)) for i in members]
             private_log: dict[str, Any] = {}
             if self.private is not None:
@@ -213,18 +229,20 @@ class Runner:
             bytes_down += down
             seen += updates
             # strategy state and the privacy state (adaptive clip norm) are kept apart: strategies are pure
-            own = {k: v for k, v in st.opt.items() if not k.startswith("dp.")}
+            own = {k: v for k, v in st.opt.items() if not k.startswith(SERVER_KEYS)}
             st_strategy = ServerState(st.round, st.weights, own)
             if self.server_steps:
                 new, server_log = self.aggregate_with_server(r, st_strategy, valid)
             else:
                 new = self.strategy.aggregate(st_strategy, valid)
-            kept = {k: v for k, v in st.opt.items() if k.startswith("dp.")}
+            kept = {k: v for k, v in st.opt.items() if k.startswith(SERVER_KEYS)}
             new = ServerState(new.round, new.weights, {**new.opt, **kept, **private_log.pop("_opt", {})})
             states[g] = new
             if due:
                 evals.append(self.app.server_evaluate(new.weights))
         states.round = r
+        cl_log = self.cl.after_round(r, states, groups, self.engine) if self.cl else {}
+        bytes_down += cl_log.get("cl_bytes_down", 0)
         if progress:
             progress.remove_task(bar)
         m = _mean(evals) if evals else {}
@@ -240,19 +258,32 @@ class Runner:
             "eval_loss": m.get("loss"),
             "accuracy": m.get("accuracy"),
             "macro_f1": m.get("macro_f1"),
-            **({"perplexity": m.get("perplexity")} if self.cfg.task == "causal_lm" else {}),
+            **({"perplexity": m.get("perplexity")} if self.cfg.task in ("causal_lm", "instruction") else {}),
+            **({k: m.get(k) for k in ("rougeL", "exact_match")} if self.cfg.task == "instruction" else {}),
             **({k: m.get(k) for k in RETRIEVAL_METRICS} if self.cfg.task == "retrieval" else {}),
             **(server_log if self.server_steps else {}),
             # baselines communicate nothing: centralized already holds the data, local owners train alone
             "bytes_down": bytes_down if self.method == "federated" else 0,
-            "bytes_up": sum(u.bytes_up for u in seen) if self.method == "federated" else 0,
+            "bytes_up": sum(u.bytes_up for u in seen) + cl_log.get("cl_bytes_up", 0) if self.method == "federated" else 0,
             "examples": int(sum(u.metrics["examples_seen"] for u in seen)),
             "lr": seen[-1].metrics["lr"] if seen else None,
             "rejected": rejected,
             **{k: v for k, v in private_log.items() if k != "secure_train_loss"},
             **self.example_privacy(r),
+            **cl_log,
             "round_time_s": time.perf_counter() - t0,
         }
+
+    def stage_groups(self, r: int) -> list[Group]:
+        """The groups as they train in round ``r``: under continual learning only the owners taking part in the
+        round's stage (with data for it), and a centralized budget matching those owners' work."""
+        if self.cl is None:
+            return self.groups
+        if self.method == "centralized":
+            owners = self.cl.eligible(list(range(len(self.app.split.client_names))), r)
+            sizes = [len(self.app.continual.train_rows(i, self.cl.stage(r))) for i in owners]
+            return [pooled_group(self.groups[0].members[0], sizes, self.cfg)]
+        return [replace(g, members=self.cl.eligible(g.members, r)) for g in self.groups]
 
     def example_privacy(self, r: int) -> dict[str, float]:
         """DP-SGD's example-level epsilon after ``r`` rounds: an upper bound over clients, as if every client had
@@ -344,6 +375,8 @@ class Runner:
                     acc = "" if record["accuracy"] is None else f" acc={record['accuracy']:.3f}"
                     if record.get("recall@5") is not None:
                         acc = f" recall@5={record['recall@5']:.3f}"
+                    if record.get("rougeL") is not None:
+                        acc = f" ppl={record['perplexity']:.2f} rougeL={record['rougeL']:.3f}"
                     loss = "" if record["train_loss"] is None else f" loss={record['train_loss']:.4f}"
                     eps = "" if record.get("epsilon") is None else f" eps={record['epsilon']:.2f}"
                     self.console.print(f"\\[{self.method}] round {record['round']}/{self.cfg.rounds}{loss}{acc}{eps}")
@@ -353,7 +386,7 @@ class Runner:
         """Final evaluation (global test in full, each client's own split), final model, summary, report."""
         app = self.app
         n = len(app.split.client_names)
-        per_group, own, glob_each = [], [None] * n, [None] * n
+        per_group, own, glob_each, samples = [], [None] * n, [None] * n, []
         for g, group in enumerate(self.groups):
             st = states[g]
             per_group.append(app.server_evaluate(st.weights, full=True))
@@ -362,6 +395,11 @@ class Runner:
             for i, m in zip(clients, self.engine.evaluate([(i, st.weights) for i in clients])):
                 own[i], glob_each[i] = m, per_group[-1]
             self.save_final(group, st)
+            if self.cfg.task == "instruction" and self.cfg.eval.samples:
+                set_weights(app.model, st.weights)
+                samples.append({"group": group.name, "samples": app.task.samples(app.model, app.global_test, self.cfg.eval.samples)})
+        if samples:  # generated answers of each final model, shown in the run report
+            atomic_write_text(self.dir.path / "samples.json", json.dumps(samples, indent=1))
         per_client = [
             {"client": app.shards[i].name, "n_train": len(app.shards[i].train), "n_test": len(app.shards[i].test), "own": own[i], "global": glob_each[i]}
             for i in range(n)
@@ -379,6 +417,7 @@ class Runner:
             "bytes_total": int(sum(m["bytes_down"] + m["bytes_up"] for m in metrics)),
             **({"stopped": self.stopped} if self.stopped else {}),
             **self.privacy_summary(states.round),
+            **({"continual": self.cl.summary(metrics)} if self.cl else {}),
         }
         atomic_write_text(self.dir.path / "summary.json", json.dumps(summary, indent=1))
         shutil.rmtree(self.dir.path / "client_states", ignore_errors=True)

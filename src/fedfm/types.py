@@ -40,3 +40,14 @@ class ServerState:
     round: int  # rounds completed
     weights: Weights  # global trainable tensors
     opt: Weights = field(default_factory=dict)  # strategy state (momentum, second moments, ...)
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """A quadratic pull of the client's trainable tensors toward an anchor, added to its loss:
+    ``coefficient / 2 * sum_k precision_k * (w_k - anchor_k)^2``. Continual learning uses it to keep what earlier
+    stages learned: EWC (precision = the federated diagonal Fisher) and L2-SP-style regularisation (precision 1)."""
+
+    anchor: Weights
+    coefficient: float
+    precision: Weights | None = None  # None: every coordinate weighs 1

@@ -1,9 +1,10 @@
 """Load a labelled text corpus into a :class:`TextDataset`.
 
 Sources: the packaged real corpora (``tweets``, ``bbc``), the text corpora for language modelling, the
-document collections giving (question, passage) pairs for retrieval (``foldoc``, ``elements``) and generic
-user data (``csv``, ``jsonl``, ``parquet``, Hugging Face ``datasets`` saved with ``save_to_disk``; with
-``passage_column`` set they hold pairs). Every problem with the input is reported as a one-line
+document collections giving (question, passage) pairs for retrieval (``foldoc``, ``elements``), instruction
+pairs (``foldoc``, ``chatterbot``; see :mod:`fedfm.data.instructions`) and generic user data (``csv``, ``jsonl``,
+``parquet``, Hugging Face ``datasets`` saved with ``save_to_disk``; with ``passage_column`` or
+``response_column`` set they hold pairs). Every problem with the input is reported as a one-line
 :class:`~fedfm.errors.DataError` naming the file and row.
 """
 
@@ -26,8 +27,8 @@ from fedfm.errors import DataError
 class TextDataset:
     """Texts with integer labels (index into ``label_names``) and optional natural owner keys.
 
-    A pairs dataset (task=retrieval) also has ``passages``: ``texts[i]`` is a query, ``passages[i]`` the
-    passage that answers it; its labels are the owners, so the stratified global test set holds every owner.
+    A pairs dataset (task=retrieval or instruction) also has ``passages``: ``texts[i]`` is a query (an
+    instruction), ``passages[i]`` the passage that answers it (the reference response); its labels are the owners, so the stratified global test set holds every owner.
     """
 
     texts: list[str]
@@ -147,7 +148,7 @@ def _make_pairs(queries: list[str], passages: list[str], owners: list | None, na
 
 def _wanted_columns(cfg: DataConfig) -> list[str]:
     """Columns a generic source must have: text and label, or text and passage for pairs; then the key."""
-    second = cfg.passage_column if cfg.passage_column else cfg.label_column
+    second = cfg.passage_column or cfg.response_column or cfg.label_column
     return [cfg.text_column, second] + ([cfg.key_column] if cfg.key_column else [])
 
 
@@ -168,8 +169,9 @@ def _from_frame(df: pd.DataFrame, cfg: DataConfig, name: str, where: str, row_wo
             raise DataError(f"{where}: {row_word} {bad[0] + 1} has a null/empty {c!r}{more}")
     texts = [str(t) for t in cols[cfg.text_column]]
     keys = cols[cfg.key_column] if cfg.key_column else None
-    if cfg.passage_column:
-        return _make_pairs(texts, [str(p) for p in cols[cfg.passage_column]], keys, name, where)
+    paired = cfg.passage_column or cfg.response_column
+    if paired:
+        return _make_pairs(texts, [str(p) for p in cols[paired]], keys, name, where)
     return _make_dataset(texts, cols[cfg.label_column], keys, name, where)
 
 
@@ -272,7 +274,7 @@ def _load_hf_disk(path: Path, cfg: DataConfig) -> TextDataset:
                 f"available: {', '.join(repr(c) for c in part.column_names)}"
             )
         df = part.to_pandas()
-        feat = None if cfg.passage_column else part.features.get(cfg.label_column)
+        feat = None if (cfg.passage_column or cfg.response_column) else part.features.get(cfg.label_column)
         if isinstance(feat, datasets.ClassLabel):  # use the class names, not their integer codes
             df[cfg.label_column] = [
                 feat.int2str(int(v)) if v is not None and v >= 0 else None for v in df[cfg.label_column]
@@ -342,8 +344,31 @@ def _load_collection_pairs(cfg: DataConfig) -> TextDataset:
     return _make_pairs([q.text for q in questions], passages, [d.owner for d in relevant], cfg.source, cfg.source)
 
 
-def load_dataset(cfg: DataConfig, seed: int) -> TextDataset:
+def _load_instruction_pairs(cfg: DataConfig) -> TextDataset:
+    """(instruction, response) pairs of a packaged corpus, labelled by their natural owner (task=instruction)."""
+    from fedfm.data.instructions import chatterbot_instructions, foldoc_instructions
+
+    build = foldoc_instructions if cfg.source == "foldoc" else chatterbot_instructions
+    texts, responses, owners = build(cfg.owner_count, cfg.response_words)
+    return _make_pairs(texts, responses, owners, cfg.source, cfg.source)
+
+
+def _cap_per_key(ds: TextDataset, cap: int, seed: int) -> TextDataset:
+    """At most ``cap`` examples of each natural key (seeded choice, original order kept)."""
+    rng = np.random.default_rng(seed)
+    keys = ds.keys if ds.keys is not None else np.array(ds.label_names, dtype=object)[ds.labels]
+    keep = []
+    for k in sorted(set(keys)):
+        idx = np.flatnonzero(keys == k)
+        keep.append(idx if len(idx) <= cap else rng.choice(idx, size=cap, replace=False))
+    return ds.subset(np.sort(np.concatenate(keep)))
+
+
+def load_dataset(cfg: DataConfig, seed: int, task: str = "classification") -> TextDataset:
     """Load the corpus named by ``cfg.source``; subsample to ``cfg.max_examples`` (seeded) if set.
+
+    ``task=instruction`` reads a document collection or the chatterbot dialogs as (instruction,
+    response) pairs; ``data.max_per_key`` caps each natural owner first.
 
     The subsample keeps the original order of the kept rows. Raises :class:`DataError` with one
     line for a missing file, missing columns, undecodable or malformed rows, null/empty cells,
@@ -355,6 +380,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> TextDataset:
         ds = _load_bbc()
     elif cfg.source in TEXT_CORPORA:
         ds = _load_text_corpus(cfg)
+    elif task == "instruction" and cfg.source in ("foldoc", "chatterbot"):
+        ds = _load_instruction_pairs(cfg)
     elif cfg.source in COLLECTIONS:
         ds = _load_collection_pairs(cfg)
     elif cfg.source in _FILE_LOADERS:
@@ -368,6 +395,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> TextDataset:
         ds = _FILE_LOADERS[cfg.source](path, cfg)
     else:  # unreachable through DataConfig validation
         raise DataError(f"unknown data source {cfg.source!r}")
+    if cfg.max_per_key is not None:
+        ds = _cap_per_key(ds, cfg.max_per_key, seed)
     if cfg.max_examples and len(ds) > cfg.max_examples:
         rng = np.random.default_rng(seed)
         keep = np.sort(rng.choice(len(ds), size=cfg.max_examples, replace=False))
