@@ -364,7 +364,7 @@ class ContinualConfig(Section):
         None,
         ge=0,
         description="ewc/l2sp: coefficient of the quadratic penalty, required by both: its scale depends on the model and "
-        "the method (a Fisher is small, so ewc needs a far larger value than l2sp; configs/continual_bbc.yaml: 1e5 and 1).",
+        "the method (a Fisher is small, so ewc needs a far larger value than l2sp; configs/continual_bbc.yaml: 1e4 and 3).",
     )
     fisher_examples: int = Field(
         128, ge=1, description="ewc: examples of its stage data (seeded subset) each owner uses for its Fisher."
@@ -561,7 +561,7 @@ class RunConfig(Section):
         if c.method in ("ewc", "l2sp") and c.penalty is None:
             raise ValueError(
                 f"continual.method={c.method} needs continual.penalty (its scale depends on the model and method: "
-                "configs/continual_bbc.yaml uses 1e5 for ewc, 1 for l2sp)"
+                "configs/continual_bbc.yaml uses 1e4 for ewc, 3 for l2sp)"
             )
         if self.server_data.active:
             raise ValueError("continual.stages with server_data: the server's data has no stage schedule; unset server_data")
