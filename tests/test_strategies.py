@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from tensors import T, close, upd
 
 from fedfm.config import StrategyConfig
 from fedfm.strategies import (
@@ -23,22 +24,7 @@ from fedfm.strategies import (
     build_strategy,
     weighted_mean,
 )
-from fedfm.types import ClientUpdate, ServerState
-
-
-def T(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def upd(client: str, n: int, **delta: torch.Tensor) -> ClientUpdate:
-    return ClientUpdate(client=client, delta=dict(delta), num_examples=n)
-
-
-def close(actual: torch.Tensor, expected: list[float]) -> None:
-    # (torch.allclose rather than torch.testing.assert_close, whose first call costs ~1 s of imports)
-    want = torch.tensor(expected, dtype=torch.float32)
-    assert actual.dtype == torch.float32 and actual.shape == want.shape
-    assert torch.allclose(actual, want, rtol=1e-6, atol=1e-7), f"{actual.tolist()} != {want.tolist()}"
+from fedfm.types import ServerState
 
 
 def start(strategy, **weights: torch.Tensor) -> ServerState:

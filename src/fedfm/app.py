@@ -9,15 +9,22 @@ decide where and when these run and carry their inputs and outputs.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from fedfm import attacks
 from fedfm import client as client_loop
+from fedfm.client import derive_seed
+from fedfm.compression import UpdateCodec, with_feedback
 from fedfm.config import RunConfig
+from fedfm.continual import Curriculum
 from fedfm.data import FederatedSplit, TextDataset, load_dataset, split
+from fedfm.errors import ClientDropout, ConfigError
+from fedfm.lora import assign_ranks, lora_pairs, pack_rank, rank_gradient_mask, truncate_rank
 from fedfm.models import (
     count_params,
     get_weights,
@@ -27,18 +34,17 @@ from fedfm.models import (
     load_lm_tokenizer,
     load_tokenizer,
     set_weights,
+    trainable_params,
 )
+from fedfm.privacy import dp
+from fedfm.privacy.aggregate import SECAGG_KEY, PrivateRound, client_vector
+from fedfm.store import ClientStates
+from fedfm.strategies.scaffold import CONTROL
 from fedfm.tasks.causal_lm import Blocks, CausalLMTask, pack
 from fedfm.tasks.classification import ClassificationTask, Encoded, encode
 from fedfm.tasks.instruction import Dialogs, InstructionTask, encode_dialogs
 from fedfm.tasks.retrieval import Pairs, RetrievalTask, encode_pairs
-from fedfm.client import derive_seed
-from fedfm.continual import Curriculum
-from fedfm.errors import ClientDropout
-from fedfm.privacy import dp
-from fedfm.privacy.aggregate import SECAGG_KEY, PrivateRound, client_vector
 from fedfm.types import ClientTask, ClientUpdate, Weights
-
 
 log = logging.getLogger("fedfm")
 
@@ -109,6 +115,7 @@ class App:
             self.shards.append(Shard("server", data(self.split.server), data(self.split.server[:0])))
             self.server_index = len(self.shards) - 1
         self.eval_subset = self._eval_subset(cfg)
+        self._setup_attack(cfg)
         if cfg.task == "classification":
             # the federation's label distribution, from the counts clients report (logit adjustment)
             counts = (torch.bincount(s.train.labels, minlength=self.task.num_labels) for s in self.client_shards)
@@ -119,6 +126,73 @@ class App:
         self.trainable_params, self.total_params = count_params(self.model)
         # continual learning: which owners and examples take part in each stage (checked against the data here)
         self.continual: Curriculum | None = Curriculum(self) if cfg.continual.active else None
+        # each client's private state across rounds (error feedback, SCAFFOLD's c_i), on disk: the round loop
+        # points this at the run directory; only sampled clients' states are ever read
+        self.client_states: ClientStates | None = None
+        self.uplink = True  # whether client_train's output is sent to a server (the round loop sets it per method)
+        self.codec = None
+        if cfg.compression.active:
+            c = cfg.compression
+            self.codec = UpdateCodec(c.up, self.initial_weights, c.topk_fraction, c.block_size)
+        self.lora_pairs: dict[str, tuple[str, str]] = {}  # LoRA module -> (A, B) names of the trainable factors
+        if cfg.peft.method == "lora":
+            try:
+                self.lora_pairs = lora_pairs(self.initial_weights)
+            except ValueError as exc:  # a factor frozen by peft.freeze (FFA-LoRA freezes A): no pairs to combine
+                if cfg.federation.lora_ranks is not None or cfg.strategy.lora_aggregation != "separate":
+                    raise ConfigError(f"federation.lora_ranks / strategy.lora_aggregation need both LoRA factors "
+                                      f"trainable: {exc}") from None
+        self.lora_ranks: list[int] | None = None
+        if cfg.federation.lora_ranks is not None:  # each client's device allows one rank (seeded, balanced)
+            self.lora_ranks = assign_ranks(len(self.split.client_names), cfg.federation.lora_ranks, cfg.seed)
+
+    def _setup_attack(self, cfg: RunConfig) -> None:
+        """Simulated Byzantine clients: a seeded fixed set; data attacks poison their training shards here."""
+        a = cfg.attack
+        n = len(self.split.client_names)
+        self.byzantine: frozenset[int] = attacks.byzantine_clients(n, a.fraction, cfg.seed) if a.active else frozenset()
+        self.backdoor_test = None
+        if a.kind == "label_flip":
+            for i in self.byzantine:
+                tr = self.shards[i].train
+                self.shards[i].train = replace(tr, labels=attacks.flip_labels(tr.labels, self.task.num_labels))
+        elif a.kind == "backdoor":
+            names = self.dataset.label_names
+            if a.target_label is not None and a.target_label not in names:
+                raise ConfigError(f"attack.target_label={a.target_label!r} is not a class; choose one of {', '.join(names)}")
+            target = names.index(a.target_label) if a.target_label is not None else 0
+            texts, labels = self.dataset.texts, np.asarray(self.dataset.labels)
+            for i in sorted(self.byzantine):
+                rows = list(self.split.client_train[i])
+                t, y, _ = attacks.poison_backdoor(
+                    [texts[j] for j in rows], [int(labels[j]) for j in rows], a.trigger, target, a.poison_fraction,
+                    derive_seed(cfg.seed, i, 0xB4D),
+                )
+                self.shards[i].train = encode(self.tokenizer, t, np.asarray(y), cfg.data.max_length)
+            # the attack's success: triggered global-test examples of other classes, labelled with the target
+            rows = [j for j in self.split.global_test if int(labels[j]) != target]
+            t, y, _ = attacks.poison_backdoor(
+                [texts[j] for j in rows], [int(labels[j]) for j in rows], a.trigger, target, 1.0, 0
+            )
+            self.backdoor_test = encode(self.tokenizer, t, np.asarray(y), cfg.data.max_length)
+
+    def client_rank(self, index: int) -> int | None:
+        """Heterogeneous LoRA: the rank client ``index`` can afford (None: the adapter's full rank)."""
+        if self.lora_ranks is None or index >= len(self.lora_ranks):
+            return None
+        return self.lora_ranks[index]
+
+    def round_seconds(self, index: int, round_: int, num_examples: int | None) -> float:
+        """Simulated duration of a client's round: local steps x step_seconds x its slowness (device and load).
+
+        A pure function of (seed, client, round), so which clients miss a deadline never depends on the machine."""
+        fed = self.cfg.federation
+        budget = num_examples or client_loop.examples_per_round(len(self.shards[index].train), self.cfg.train)
+        steps = math.ceil(budget / self.cfg.train.batch_size)
+        s = fed.slowness_spread
+        device = np.random.default_rng(derive_seed(self.cfg.seed, index, 0x51)).standard_normal()
+        load = np.random.default_rng(derive_seed(self.cfg.seed, round_, index, 0x52)).standard_normal()
+        return float(steps * fed.step_seconds * math.exp(s * device + 0.5 * s * load))
 
     @property
     def client_shards(self) -> list[Shard]:
@@ -141,8 +215,60 @@ class App:
 
     # --- functions executed at a client -------------------------------------------------------
     def client_train(self, index: int, task: ClientTask) -> ClientUpdate:
+        """Train, then prepare what leaves the client: [SCAFFOLD control change] -> [attack, if Byzantine] ->
+        [own rank only] -> [compression with error feedback] -> [DP noise / secure-aggregation mask]."""
         if self.drops_out(task.round, index):
             raise ClientDropout(f"client {index} vanished in round {task.round} (simulated)")
+        name = self.shards[index].name
+        # what a real client sends is compressed / attacked; the baselines and the server's own data send nothing
+        sends = self.uplink and index < len(self.split.client_names)
+        codec = self.codec if sends else None
+        stateful = "control" in task.config or (codec is not None and self.cfg.compression.error_feedback)
+        state = (self.client_states.get(name, task.round) if stateful and self.client_states else None) or {}
+        rank = self.client_rank(index)
+        hooks = []
+        if rank is not None:  # HetLoRA: this client holds the first `rank` components of the global adapter
+            task = replace(task, weights=truncate_rank(task.weights, self.lora_pairs, rank))
+            hooks = rank_gradient_mask(trainable_params(self.model), self.lora_pairs, rank)
+        control = None
+        if "control" in task.config:
+            c = task.config["control"]
+            control = (c, {k: state.get(f"c.{k}", torch.zeros_like(v)) for k, v in c.items()})
+        try:
+            update = self._train(index, task, control)
+        finally:
+            for h in hooks:
+                h.remove()
+        new_state: Weights = {}
+        if control is not None:
+            new_c = update.control
+            update.delta.update({CONTROL + k: new_c[k] - control[1][k] for k in new_c})
+            new_state.update({f"c.{k}": v for k, v in new_c.items()})
+            update.control = None
+        a = self.cfg.attack
+        if sends and index in self.byzantine and a.kind in attacks.UPDATE_ATTACKS:
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, task.round, index, 0xA77))
+            scale = a.scale if a.scale is not None else attacks.default_scale(a.kind)
+            update = replace(update, delta=attacks.poison_update(update.delta, a.kind, scale, a.noise_std, gen))
+        elif sends and index in self.byzantine and a.kind in attacks.DATA_ATTACKS and a.scale is not None:
+            # boosting (Bagdasaryan et al. 2020's model replacement): the poisoned update, scaled up
+            update = replace(update, delta={k: a.scale * v for k, v in update.delta.items()})
+        if rank is not None:
+            update = replace(update, delta=pack_rank(update.delta, self.lora_pairs, rank))
+        if codec is not None:
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, task.round, index, 0xC0D))
+            residual = {k[3:]: v for k, v in state.items() if k.startswith("ef.")} or None
+            message, residual = with_feedback(codec, update.delta, residual, gen)
+            if self.cfg.compression.error_feedback:
+                new_state.update({f"ef.{k}": v for k, v in residual.items()})
+            update = replace(update, delta=message)
+        if new_state and self.client_states is not None:
+            self.client_states.put(name, task.round, new_state)
+        if "private" in task.config:
+            update = self._privatize(index, task, update)
+        return update
+
+    def _train(self, index: int, task: ClientTask, control) -> ClientUpdate:
         shard = self.shards[index]
         offset = None
         if self.cfg.train.logit_adjustment and self.cfg.task == "classification":
@@ -152,10 +278,8 @@ class App:
         update = client_loop.train(
             self.model, self.continual.train_data(index, task.round) if self.continual else shard.train, self.task, task,
             self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name,
-            offset, self.cfg.dpsgd,
+            offset, self.cfg.dpsgd, control,
         )
-        if "private" in task.config:
-            update = self._privatize(index, task, update)
         return update
 
     def drops_out(self, round_: int, index: int) -> bool:
@@ -242,4 +366,7 @@ class App:
     def server_evaluate(self, weights: Weights, full: bool = False) -> dict[str, float]:
         set_weights(self.model, weights)
         data = self.global_test if full else self.eval_subset
-        return self.task.evaluate(self.model, data, self.cfg.eval.batch_size)
+        out = self.task.evaluate(self.model, data, self.cfg.eval.batch_size)
+        if self.backdoor_test is not None:  # share of triggered other-class test texts classified as the target
+            out["backdoor_success"] = self.task.evaluate(self.model, self.backdoor_test, self.cfg.eval.batch_size)["accuracy"]
+        return out

@@ -68,8 +68,15 @@ def train(
     client_name: str,
     logit_offset: torch.Tensor | None = None,
     dpsgd=None,
+    control: tuple[dict, dict] | None = None,
 ) -> ClientUpdate:
-    """Run one round of local training and return the update of the trainable tensors."""
+    """Run one round of local training and return the update of the trainable tensors.
+
+    ``control`` = (c, c_i), SCAFFOLD's server and client control variates (Karimireddy et al. 2020): every step
+    descends along g - c_i + c, and the update's ``control`` holds the mean raw gradient of the round, the client's
+    next c_i (the paper's option II, c_i+ = c_i - c + (x - y) / (K lr), reduces to exactly this under plain SGD; the
+    mean gradient keeps that meaning under AdamW and a schedule).
+    """
     n = len(data)
     if n == 0:
         raise TrainingError(f"client {client_name} has no training examples")
@@ -91,7 +98,9 @@ def train(
         private = DPSGD(model, opt, dpsgd, batch_size, s + 2)
         opt = private.optimizer
     try:
-        loss_sum, lr = _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private)
+        loss_sum, lr, grad_mean = _steps(
+            model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private, control
+        )
     finally:
         if private is not None:
             private.close()
@@ -99,13 +108,19 @@ def train(
     metrics = {"train_loss": float(loss_sum) / len(batches), "steps": len(batches), "examples_seen": budget, "lr": lr}
     if private is not None:
         metrics["dpsgd_q"] = min(1.0, batch_size / n)
-    return ClientUpdate(client=client_name, delta=delta, num_examples=n, metrics=metrics)
+    return ClientUpdate(client=client_name, delta=delta, num_examples=n, metrics=metrics, control=grad_mean)
 
 
-def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private):
-    """The optimiser steps of one round; returns the summed loss and the last learning rate."""
+def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private, control=None):
+    """The optimiser steps of one round; returns the summed loss, the last learning rate and (SCAFFOLD) the mean
+    gradient."""
     model.train()
     loss_sum, lr = torch.zeros(()), cfg.lr
+    correction = grad_sum = None
+    if control is not None:  # SCAFFOLD: g <- g + (c - c_i); the raw gradients are averaged for the next c_i
+        c, c_i = control
+        correction = {k: c[k] - c_i[k] for k in params}
+        grad_sum = {k: torch.zeros_like(p) for k, p in params.items()}
     pen = ctask.config.get("penalty")  # a fedfm.types.Penalty, or None
     for k, idx in enumerate(batches):
         lr = lr_at((ctask.round - 1 + k / len(batches)) / rounds, cfg)
@@ -132,7 +147,14 @@ def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, par
         loss.backward()
         if cfg.max_grad_norm is not None and private is None:  # DP-SGD clips per example instead
             torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        if correction is not None:
+            for k, p in params.items():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grad_sum[k] += p.grad
+                p.grad.add_(correction[k])
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
-    return loss_sum, lr
+    grad_mean = {k: g / max(1, len(batches)) for k, g in grad_sum.items()} if grad_sum is not None else None
+    return loss_sum, lr, grad_mean

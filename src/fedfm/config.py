@@ -162,14 +162,22 @@ FILE_SOURCES = ("csv", "jsonl", "parquet", "hf_disk")
 COLLECTIONS = ("foldoc", "elements")  # document collections read by fedfm.data.dictd
 INSTRUCTION_SOURCES = ("foldoc", "chatterbot")  # packaged corpora that give instruction pairs
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco", "median")
+StrategyName = Literal[
+    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco", "scaffold", "median", "trimmed_mean",
+    "krum", "normbound",
+]
+STRATEGY_NAMES = get_args(StrategyName)
 # strategies that must see each client's update (robust statistics): incompatible with secagg and DP-FedAvg
-INDIVIDUAL_UPDATE_STRATEGIES = ("median",)
+INDIVIDUAL_UPDATE_STRATEGIES = ("median", "trimmed_mean", "krum", "normbound")
+# strategies that aggregate with weighted_mean, where strategy.lora_aggregation applies
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco")
 
 
 class StrategyConfig(Section):
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco", "median"] = Field(
-        "fedavg", description="Server aggregation / optimiser."
+    name: StrategyName = Field(
+        "fedavg",
+        description="Server aggregation / optimiser. Robust (Byzantine-tolerant) aggregators: median, trimmed_mean, "
+        "krum (Krum / Multi-Krum), normbound; scaffold: control variates at every client (Karimireddy et al. 2020).",
     )
     server_lr: float = Field(1.0, gt=0, description="Server learning rate (eta) applied to the averaged update.")
     momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM / DiLoCo (Nesterov) outer momentum.")
@@ -177,6 +185,25 @@ class StrategyConfig(Section):
     beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon) tau.")
     prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu.")
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed_mean: share of the largest and of the smallest values dropped per coordinate."
+    )
+    byzantine_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="krum: assumed share f/n of Byzantine updates among a round's updates."
+    )
+    multikrum_m: int | None = Field(
+        1, ge=1, description="krum: updates selected and averaged (1 = Krum; None = n - f, Multi-Krum)."
+    )
+    norm_bound: float | None = Field(
+        None, gt=0, description="normbound: L2 bound each update is clipped to (None: the round's median update norm)."
+    )
+    lora_aggregation: Literal["separate", "exact", "hetlora", "flexlora"] = Field(
+        "separate",
+        description="How LoRA factors are combined: 'separate' averages A and B on their own (mean(B) mean(A), not "
+        "mean(B A)); 'exact' averages the products B_i A_i and re-factorises to the rank by truncated SVD; with "
+        "heterogeneous client ranks (federation.lora_ranks), 'hetlora' averages each rank component over the clients "
+        "holding it, 'flexlora' averages the products and redistributes by SVD.",
+    )
 
 
 class FederationConfig(Section):
@@ -198,6 +225,33 @@ class FederationConfig(Section):
         lt=1,
         description="Simulated faults: probability that a sampled client vanishes after receiving its task "
         "(after the key exchange under secure aggregation); seeded, so runs stay reproducible.",
+    )
+    deadline: float | None = Field(
+        None,
+        gt=0,
+        description="Round deadline in simulated seconds: a client's round takes steps x step_seconds x its slowness, "
+        "and clients past the deadline are stragglers whose updates are excluded (and logged); the round completes "
+        "with those that reported if they are at least min_clients. None = wait for everyone.",
+    )
+    step_seconds: float = Field(1.0, gt=0, description="Simulated seconds per local step of a client of slowness 1.")
+    slowness_spread: float = Field(
+        0.0,
+        ge=0,
+        description="Client slowness is exp(s * z), z ~ N(0,1) drawn per client (its device) plus half as much per "
+        "round (its load), seeded: 0 = identical clients. 0.5 makes about 1 in 6 clients 1.6x slower than typical.",
+    )
+    max_norm_ratio: float | None = Field(
+        None,
+        gt=1,
+        description="Update validation: reject an update whose L2 norm exceeds this multiple of the round's median "
+        "update norm (logged with the reason; None = no norm screening).",
+    )
+    lora_ranks: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Heterogeneous LoRA ranks: each client gets one of these ranks (seeded, balanced), at most the "
+        "adapter's peft rank; it trains and sends only its first r components (HetLoRA/FlexLoRA). None = all clients "
+        "use the full rank.",
     )
 
 
@@ -271,6 +325,76 @@ class EngineConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
 
 
+Stage = Literal["topk", "randk", "fp16", "bf16", "int8", "int4", "sign"]
+VALUE_STAGES = ("fp16", "bf16", "int8", "int4", "sign")
+SPARSIFIERS = ("topk", "randk")
+
+
+class CompressionConfig(Section):
+    """Update codecs: what a client sends is the compressed message, counted byte for byte."""
+
+    up: list[Stage] = Field(
+        default_factory=list,
+        description="Stages applied to each client's update, in order: optionally a sparsifier, 'topk' (the largest "
+        "topk_fraction of coordinates, indices sent) or 'randk' (a random topk_fraction drawn from a seed that is sent "
+        "instead of indices), then at most one value codec (fp16, bf16, int8/int4 with stochastic rounding, or sign: "
+        "1 bit per value and a scale per block); [] = raw float32.",
+    )
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="topk / randk: share of the update's coordinates sent.")
+    error_feedback: bool = Field(
+        True,
+        description="Each client keeps what compression did not send (its residual, on disk) and adds it to its next "
+        "update (Seide et al. 2014; Karimireddy et al. 2019).",
+    )
+    block_size: int = Field(
+        256, ge=8, description="int8/int4/sign: values per quantisation block (one float32 scale each)."
+    )
+    down: Literal["none", "fp16", "bf16"] = Field(
+        "none", description="Precision of the global trainable tensors broadcast to clients (the server keeps float32)."
+    )
+
+    @field_validator("up")
+    @classmethod
+    def _order(cls, v):
+        values = [s for s in v if s in VALUE_STAGES]
+        if len(values) > 1:
+            raise ValueError(f"at most one value codec ({', '.join(VALUE_STAGES)}), got {values}")
+        sparse = [s for s in v if s in SPARSIFIERS]
+        if len(sparse) > 1 or (sparse and v[0] != sparse[0]):
+            raise ValueError(f"{sparse[0]} must come first (values are quantised after sparsification), and only one "
+                             "sparsifier (topk or randk)")
+        return v
+
+    @property
+    def active(self) -> bool:
+        return bool(self.up)
+
+
+class AttackConfig(Section):
+    """Simulated Byzantine clients, so that defences are measured rather than assumed."""
+
+    kind: Literal["none", "sign_flip", "scaling", "noise", "label_flip", "backdoor"] = Field(
+        "none",
+        description="sign_flip: send -scale x the honest update; scaling: scale x it; noise: Gaussian noise instead of "
+        "an update; label_flip: train on labels y -> K-1-y; backdoor: train with a trigger phrase mapped to target_label.",
+    )
+    fraction: float = Field(0.2, ge=0, lt=1, description="Share of the clients that are Byzantine (a seeded, fixed set).")
+    scale: float | None = Field(
+        None, gt=0, description="sign_flip / scaling factor (None: 4 and 30); with label_flip / backdoor, the attackers "
+        "also boost their poisoned update by this factor (model replacement; None: no boost)."
+    )
+    noise_std: float = Field(0.05, gt=0, description="noise: standard deviation of each coordinate sent.")
+    trigger: str = Field("cf mn bb", min_length=1, description="backdoor: the trigger phrase appended to poisoned texts.")
+    target_label: str | None = Field(None, description="backdoor: class the trigger maps to (None: the first class).")
+    poison_fraction: float = Field(
+        0.5, gt=0, le=1, description="backdoor: share of an attacker's other-class training examples that carry the trigger."
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and the last).")
     generate: int = Field(
@@ -283,6 +407,10 @@ class EvalConfig(Section):
         None, ge=1, description="Cap on global test examples evaluated each round (seeded subset)."
     )
     batch_size: int = Field(128, ge=1, description="Evaluation batch size.")
+    max_clients: int | None = Field(
+        None, ge=1, description="Final evaluation on each client's own split for at most this many clients (a seeded "
+        "subset; thousands of simulated clients need not all be evaluated). None = every client."
+    )
 
 
 class ServerDataConfig(Section):
@@ -400,6 +528,8 @@ class RunConfig(Section):
     dpsgd: DPSGDConfig = Field(default_factory=DPSGDConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -433,6 +563,7 @@ class RunConfig(Section):
             raise ValueError("server_data.steps and the 'server' method need server_data.fraction > 0")
         self._check_privacy()
         self._check_continual()
+        self._check_updates()
         return self
 
     def _check_retrieval(self) -> None:
@@ -578,6 +709,59 @@ class RunConfig(Section):
                 "protection; use l2sp or replay"
             )
 
+    def _check_updates(self) -> None:
+        """Compression, heterogeneous LoRA ranks, attacks and SCAFFOLD: combinations that cannot hold are refused."""
+        comp, st, fed = self.compression, self.strategy, self.federation
+        if comp.active and self.secagg.enabled:
+            raise ValueError(
+                "compression.up with secagg.enabled: masking needs every client's dense vector of field elements "
+                "(a sparse or quantised update would be re-expanded to 8 bytes per coordinate); compress or mask, not both"
+            )
+        if comp.active and self.method_needs_dense_lora:
+            raise ValueError(
+                f"compression.up with strategy.lora_aggregation={st.lora_aggregation}: exact/flexlora need each client's "
+                "full factors, which compression would distort; use lora_aggregation=separate"
+            )
+        lora = self.peft.method == "lora"
+        if st.lora_aggregation != "separate" and not lora:
+            raise ValueError(f"strategy.lora_aggregation={st.lora_aggregation} needs peft.method=lora")
+        if st.lora_aggregation != "separate" and st.name not in MEAN_STRATEGIES:
+            raise ValueError(
+                f"strategy.lora_aggregation={st.lora_aggregation} replaces the weighted mean of {', '.join(MEAN_STRATEGIES)}; "
+                f"strategy.name={st.name} aggregates otherwise"
+            )
+        if st.lora_aggregation != "separate" and (self.dp.active or self.secagg.enabled):
+            raise ValueError("strategy.lora_aggregation other than separate needs individual updates: not with dp/secagg")
+        if fed.lora_ranks is not None:
+            rank = int(self.peft.options.get("r", 8))
+            if not lora:
+                raise ValueError("federation.lora_ranks needs peft.method=lora")
+            if max(fed.lora_ranks) > rank or min(fed.lora_ranks) < 1:
+                raise ValueError(f"federation.lora_ranks must lie in 1..{rank} (peft.options.r)")
+            if st.lora_aggregation in ("separate", "exact"):
+                raise ValueError(
+                    "federation.lora_ranks (heterogeneous ranks) needs strategy.lora_aggregation=hetlora or flexlora"
+                )
+            if comp.active or self.dp.active or self.secagg.enabled:
+                raise ValueError("federation.lora_ranks cannot be combined with compression, dp or secagg")
+        elif st.lora_aggregation in ("hetlora", "flexlora"):
+            raise ValueError(f"strategy.lora_aggregation={st.lora_aggregation} needs federation.lora_ranks")
+        if st.name == "scaffold" and (self.dp.active or self.secagg.enabled or comp.active):
+            raise ValueError("strategy.name=scaffold sends control variates in the clear and uncompressed: not with dp, "
+                             "secagg or compression")
+        if st.name == "scaffold" and self.continual.active:
+            raise ValueError("strategy.name=scaffold with continual.stages is not supported")
+        if self.attack.active and (self.dp.active or self.secagg.enabled):
+            raise ValueError("attack with dp/secagg: attacks are simulated on plain federated runs")
+        if self.attack.kind in ("label_flip", "backdoor") and self.task != "classification":
+            raise ValueError(f"attack.kind={self.attack.kind} poisons class labels: it needs task=classification")
+        if fed.deadline is not None and (self.dp.active or self.secagg.enabled):
+            raise ValueError("federation.deadline with dp/secagg: use federation.dropout to simulate clients that vanish")
+
+    @property
+    def method_needs_dense_lora(self) -> bool:
+        return self.strategy.lora_aggregation in ("exact", "flexlora")
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -640,7 +824,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 _SECTIONS = {
     "data", "model", "peft", "train", "strategy", "federation", "engine", "eval", "compare", "server_data", "dp", "dpsgd", "secagg",
-    "continual",
+    "continual", "compression", "attack",
 }
 
 

@@ -413,6 +413,9 @@ def _key_config_rows(config: dict) -> list[tuple[str, Any]]:
         ("Strategy", get("strategy", "name")), ("Data source", get("data", "source")),
         ("Partition", partition), ("Clients", fed),
         ("Rounds", config.get("rounds", _DASH)), ("Seed", config.get("seed", _DASH)),
+        *((("Update compression", " -> ".join(get("compression", "up"))),) if get("compression", "up") not in (_DASH, []) else ()),
+        *((("Simulated attack", f"{get('attack', 'kind')} ({get('attack', 'fraction')} of clients)"),)
+          if get("attack", "kind") not in (_DASH, "none") else ()),
     ]
 
 
@@ -478,6 +481,31 @@ def _rounds_section(metrics: list[dict]) -> str:
     headers = ["Round", "Clients", "Train loss", "Eval loss", *(label for _, label, _, _ in cols), "Bytes down",
                "Bytes up", "Cumulative", "Examples", "LR", "Round time", *(("ε (client-level)",) if private else ())]
     return _html_table(headers, rows)
+
+
+def _updates_section(metrics: list[dict]) -> str:
+    """Rounds in which updates were rejected (with the reason), clients vanished or missed the deadline, or
+    Byzantine clients took part; empty when nothing of the kind happened."""
+    rows = []
+    for rec in metrics:
+        rejected = rec.get("rejected") or []
+        dropped, late = rec.get("dropped") or [], rec.get("stragglers") or []
+        byz = rec.get("byzantine_sampled")
+        if not (rejected or dropped or late or byz or rec.get("backdoor_success") is not None):
+            continue
+        rows.append((
+            rec.get("round", _DASH),
+            "; ".join(f"{x.get('client')}: {x.get('reason')}" for x in rejected) or _DASH,
+            ", ".join(dropped) or _DASH,
+            ", ".join(f"{x.get('client')} ({fmt_num(x.get('seconds'), 3)} s)" for x in late) or _DASH,
+            fmt_num(byz) if byz is not None else _DASH,
+            fmt_pct(rec.get("backdoor_success")),
+        ))
+    if not rows:
+        return ""
+    headers = ["Round", "Rejected updates (reason)", "Vanished", "Stragglers (simulated time)", "Byzantine sampled",
+               "Backdoor success"]
+    return "<h2>Updates: screening, faults, attacks</h2>" + _html_table(headers, rows)
 
 
 def _clients_section(summary: dict | None) -> str:
@@ -599,6 +627,7 @@ def write_run_report(run_dir: Path) -> Path:
         _continual_section(run),
         "<h2>Plots</h2>", _html_images(plots),
         "<h2>Per round</h2>", _rounds_section(run["metrics"]),
+        _updates_section(run["metrics"]),
         "<h2>Per client</h2>", _clients_section(run["summary"]),
         _samples_section(run["dir"]),
     ])

@@ -46,7 +46,7 @@ from fedfm.models import save_pretrained, set_weights
 from fedfm.privacy import dp
 from fedfm.privacy.aggregate import PrivateAggregator
 from fedfm.rundir import RunDir, atomic_write_text
-from fedfm.store import GroupStates, StateStore
+from fedfm.store import ClientStates, GroupStates, StateStore
 from fedfm.strategies import FedAvg, build_strategy
 from fedfm.strategies.fedavg import apply
 from fedfm.tasks.retrieval import RETRIEVAL_METRICS
@@ -165,8 +165,13 @@ class Runner:
         self.console = console or Console(stderr=True)
         self.groups = plan_groups(app, method)
         # baselines aggregate their single participant with plain FedAvg (w + delta)
-        self.strategy = build_strategy(self.cfg.strategy) if method == "federated" else FedAvg()
+        n = len(app.split.client_names)
+        self.strategy = build_strategy(self.cfg.strategy, n) if method == "federated" else FedAvg()
         self.engine = build_engine(self.cfg.engine.name, app)
+        # the clients' private state (error feedback, SCAFFOLD), under the run directory; compression and update
+        # attacks act on what is sent, so only in federated training (the baselines send nothing)
+        app.client_states = ClientStates(self.dir.path / "clients")
+        app.uplink = method == "federated"
         # Algorithm 2 runs inside federated training only (the 'server' method is its data alone)
         self.server_steps = self.cfg.server_data.steps if method == "federated" and app.server_index is not None else 0
         self.stopped: str | None = None  # why the run ended before cfg.rounds (a privacy budget), if it did
@@ -175,6 +180,7 @@ class Runner:
         if method == "federated" and (self.cfg.dp.active or self.cfg.secagg.enabled):
             n = len(app.split.client_names)
             self.private = PrivateAggregator(self.cfg, n, expected_sampled(n, self.cfg), app.initial_weights)
+            self.private.receive = self.receive
 
     def new_states(self, round_: int = 0) -> GroupStates:
         budget = self.cfg.engine.state_memory_mb * 2**20
@@ -205,6 +211,9 @@ class Runner:
         on_done = (lambda u: progress.advance(bar)) if progress else None
         due = r % self.cfg.eval.every == 0 or r == self.cfg.rounds
         seen, rejected, evals, bytes_down = [], [], [], 0
+        stragglers: list[dict] = []
+        timing: dict[str, float] = {}  # simulated seconds of the clients that reported in time
+        lora_log: dict[str, float] = {}
         for g, (group, members) in enumerate(zip(groups, picks)):
             st = states[g]
             if not members and self.cl is not None:  # continual learning: this group's owner sits the stage out
@@ -213,6 +222,12 @@ class Runner:
                 continue
             extra = {"batch_size": group.batch_size} if group.batch_size else {}
             extra.update(self.cl.client_config(st.opt) if self.cl else {})  # the penalty of ewc / l2sp
+            own = {k: v for k, v in st.opt.items() if not k.startswith(SERVER_KEYS)}
+            if hasattr(self.strategy, "task_config"):  # SCAFFOLD's control variate
+                extra.update(self.strategy.task_config(ServerState(st.round, st.weights, own)))
+            members, late = self.deadline(r, group, members, timing)
+            stragglers += late
+            bytes_down += len(late) * self.broadcast_bytes(st.weights, extra) if late else 0
             jobs = [(i, ClientTask(r, st.weights, group.num_examples, config=extra, **options)) for i in members]
             private_log: dict[str, Any] = {}
             if self.private is not None:
@@ -229,8 +244,9 @@ class Runner:
             bytes_down += down
             seen += updates
             # strategy state and the privacy state (adaptive clip norm) are kept apart: strategies are pure
-            own = {k: v for k, v in st.opt.items() if not k.startswith(SERVER_KEYS)}
             st_strategy = ServerState(st.round, st.weights, own)
+            if self.private is None and self.lora_aggregation(st.weights, valid, lora_log):
+                valid = [lora_log.pop("_combined")]
             if self.server_steps:
                 new, server_log = self.aggregate_with_server(r, st_strategy, valid)
             else:
@@ -261,6 +277,7 @@ class Runner:
             **({"perplexity": m.get("perplexity")} if self.cfg.task in ("causal_lm", "instruction") else {}),
             **({k: m.get(k) for k in ("rougeL", "exact_match")} if self.cfg.task == "instruction" else {}),
             **({k: m.get(k) for k in RETRIEVAL_METRICS} if self.cfg.task == "retrieval" else {}),
+            **({"backdoor_success": m["backdoor_success"]} if "backdoor_success" in m else {}),
             **(server_log if self.server_steps else {}),
             # baselines communicate nothing: centralized already holds the data, local owners train alone
             "bytes_down": bytes_down if self.method == "federated" else 0,
@@ -268,6 +285,8 @@ class Runner:
             "examples": int(sum(u.metrics["examples_seen"] for u in seen)),
             "lr": seen[-1].metrics["lr"] if seen else None,
             "rejected": rejected,
+            **self.fault_log(picks, seen, stragglers, timing),
+            **lora_log,
             **{k: v for k, v in private_log.items() if k != "secure_train_loss"},
             **self.example_privacy(r),
             **cl_log,
@@ -284,6 +303,96 @@ class Runner:
             sizes = [len(self.app.continual.train_rows(i, self.cl.stage(r))) for i in owners]
             return [pooled_group(self.groups[0].members[0], sizes, self.cfg)]
         return [replace(g, members=self.cl.eligible(g.members, r)) for g in self.groups]
+
+    # --- faults, attacks and update codecs ------------------------------------------------------------
+    def deadline(self, r: int, group: Group, members: list[int], timing: dict) -> tuple[list[int], list[dict]]:
+        """Split the sampled clients into those reporting before federation.deadline and the stragglers.
+
+        Simulated time (``App.round_seconds``), so the split is reproducible; a straggler has received its task
+        (its download is counted) but its update would arrive after the round closed, so it is not trained."""
+        fed = self.cfg.federation
+        if self.method != "federated" or (fed.deadline is None and fed.slowness_spread == 0):
+            return members, []
+        on_time, late = [], []
+        for i in members:
+            t = self.app.round_seconds(i, r, group.num_examples)
+            if fed.deadline is not None and t > fed.deadline:
+                late.append({"client": self.app.shards[i].name, "seconds": round(t, 3)})
+            else:
+                on_time.append(i)
+                timing[self.app.shards[i].name] = t
+        if late:
+            log.warning("round %d: %d stragglers past the %.1f s deadline excluded: %s", r, len(late), fed.deadline,
+                        ", ".join(s["client"] for s in late))
+        return on_time, late
+
+    def broadcast_bytes(self, weights: Weights, extra: dict) -> int:
+        """Size of the task message one client receives (for stragglers, whose download happened)."""
+        from fedfm import codec
+        from fedfm.compression import cast_broadcast
+
+        down = self.cfg.compression.down
+        size = len(codec.encode(cast_broadcast(weights, down)))
+        return size + (len(codec.encode(cast_broadcast(extra["control"], down))) if "control" in extra else 0)
+
+    def fault_log(self, picks: list[list[int]], seen: list[ClientUpdate], stragglers: list[dict], timing: dict) -> dict:
+        if self.method != "federated":
+            return {}
+        names = {self.app.shards[i].name for m in picks for i in m}
+        late = {s["client"] for s in stragglers}
+        out: dict[str, Any] = {"dropped": sorted(names - late - {u.client for u in seen})}
+        if stragglers or timing:
+            out["stragglers"] = stragglers
+            # the round closes when its last on-time client reports, or at the deadline if someone is late
+            last = max((timing[u.client] for u in seen if u.client in timing), default=0.0)
+            out["round_sim_s"] = self.cfg.federation.deadline if stragglers else last
+        if self.app.byzantine:
+            out["byzantine_sampled"] = sum(1 for m in picks for i in m if i in self.app.byzantine)
+        return out
+
+    def receive(self, u: ClientUpdate, reference: Weights) -> str | None:
+        """Decode what a client sent into a dense update (compressed message, own-rank LoRA factors); or why not."""
+        app = self.app
+        if app.codec is not None and app.uplink:
+            from fedfm.compression import UpdateCodec
+
+            if not UpdateCodec.is_message(u.delta):
+                return "expected a compressed message (compression.up is set)"
+            try:
+                u.delta = app.codec.decode(u.delta)
+            except ValueError as exc:
+                return f"malformed compressed update: {exc}"
+        if app.lora_ranks is not None:
+            from fedfm.lora import unpack_rank
+
+            try:
+                u.delta, rank = unpack_rank(u.delta, reference, app.lora_pairs)
+            except ValueError as exc:
+                return f"malformed LoRA update: {exc}"
+            u.metrics["lora_rank"] = rank
+        return None
+
+    def lora_aggregation(self, weights: Weights, valid: list[ClientUpdate], out: dict) -> bool:
+        """strategy.lora_aggregation other than 'separate': combine the LoRA factors of the round's updates into one
+        pseudo-update (``out['_combined']``) for the strategy; under 'separate', log how far mean(B) mean(A) is from
+        mean(B A). Returns whether the updates were combined."""
+        mode = self.cfg.strategy.lora_aggregation
+        if self.method != "federated" or not self.app.lora_pairs or not valid:
+            return False
+        from fedfm import lora
+
+        if mode == "separate":
+            out["lora_product_gap"] = lora.product_gap(weights, valid)
+            return False
+        total = float(sum(u.num_examples for u in valid))
+        ranks = {u.client: int(u.metrics["lora_rank"]) for u in valid} if self.app.lora_ranks is not None else None
+        if mode == "hetlora":
+            delta = lora.hetlora_mean(weights, valid, ranks)
+        else:  # exact, flexlora: average the products, re-factorise by truncated SVD
+            delta, info = lora.exact_mean(weights, valid, ranks=ranks)
+            out.update(info)
+        out["_combined"] = ClientUpdate("lora-aggregate", delta, total)
+        return True
 
     def example_privacy(self, r: int) -> dict[str, float]:
         """DP-SGD's example-level epsilon after ``r`` rounds: an upper bound over clients, as if every client had
@@ -330,15 +439,26 @@ class Runner:
         return new, {"server_share": share, "server_loss": su.metrics["train_loss"]}
 
     def screen(self, r: int, group: Group, reference: Weights, updates: list[ClientUpdate], rejected: list) -> list[ClientUpdate]:
-        """Drop invalid updates with a logged reason; stop the round if too few valid ones remain."""
+        """Decode, then drop invalid updates with a logged reason; stop the round if too few valid ones remain."""
         valid = []
+        expected = {**reference, **(self.strategy.extra_keys(reference) if hasattr(self.strategy, "extra_keys") else {})}
         for u in updates:
-            reason = validate(u, reference)
+            reason = self.receive(u, reference) or validate(u, expected)
             if reason:
                 log.warning("round %d: rejected update from %s: %s", r, u.client, reason)
                 rejected.append({"client": u.client, "reason": reason})
             else:
                 valid.append(u)
+        ratio = self.cfg.federation.max_norm_ratio
+        if ratio is not None and self.method == "federated":
+            from fedfm.strategies.robust import norm_outliers
+
+            outliers = norm_outliers(valid, ratio)
+            for u in valid:
+                if u.client in outliers:
+                    log.warning("round %d: rejected update from %s: %s", r, u.client, outliers[u.client])
+                    rejected.append({"client": u.client, "reason": outliers[u.client]})
+            valid = [u for u in valid if u.client not in outliers]
         needed = min(self.cfg.federation.min_clients, len(group.members))
         if len(valid) < needed:
             raise TrainingError(f"round {r}: only {len(valid)} valid updates in group {group.name} (need {needed})")
@@ -391,7 +511,7 @@ class Runner:
             st = states[g]
             per_group.append(app.server_evaluate(st.weights, full=True))
             # federated/centralized: one model judged on every client's split; local: each client's own model
-            clients = group.members if self.method == "local" else range(n)
+            clients = group.members if self.method == "local" else self.evaluated_clients(n)
             for i, m in zip(clients, self.engine.evaluate([(i, st.weights) for i in clients])):
                 own[i], glob_each[i] = m, per_group[-1]
             self.save_final(group, st)
@@ -410,7 +530,7 @@ class Runner:
             "rounds": self.cfg.rounds,
             "wall_time_s": wall,
             "global": _mean(per_group),
-            "own_mean": _mean([c["own"] for c in per_client if c["n_test"] > 0]),
+            "own_mean": _mean([c["own"] for c in per_client if c["n_test"] > 0 and c["own"] is not None]),
             "per_client": per_client,
             "trainable_params": app.trainable_params,
             "total_params": app.total_params,
@@ -419,11 +539,22 @@ class Runner:
             **self.privacy_summary(states.round),
             **({"continual": self.cl.summary(metrics)} if self.cl else {}),
         }
+        cs = app.client_states
+        if cs is not None and cs.clients():  # error-feedback residuals / control variates the clients kept
+            summary["client_states"] = {"clients": cs.clients(), "disk_bytes": cs.disk_bytes()}
         atomic_write_text(self.dir.path / "summary.json", json.dumps(summary, indent=1))
         shutil.rmtree(self.dir.path / "client_states", ignore_errors=True)
+        shutil.rmtree(self.dir.path / "clients", ignore_errors=True)
         self.dir.set_status("complete", self.method, states.round)
         report.write_run_report(self.dir.path)
         return summary
+
+    def evaluated_clients(self, n: int) -> list[int]:
+        """The clients whose own split the final model is evaluated on: all, or a seeded eval.max_clients subset."""
+        k = self.cfg.eval.max_clients
+        if k is None or k >= n:
+            return list(range(n))
+        return sorted(np.random.default_rng(derive_seed(self.cfg.seed, 0xE7A1)).choice(n, k, replace=False).tolist())
 
     def privacy_summary(self, rounds: int) -> dict[str, Any]:
         """What a user can state about the run's privacy, saved in summary.json and shown in the report."""

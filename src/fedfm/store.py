@@ -97,3 +97,59 @@ class GroupStates:
 
     def __iter__(self):
         return (self[g] for g in range(self.count))
+
+
+class ClientStates:
+    """Each simulated client's private state (error-feedback residual, SCAFFOLD control variate), on disk.
+
+    Only sampled clients' states are read, so memory does not grow with the number of clients. Every write
+    is a new file tagged with its round (``<client>.<round>.safetensors``, written atomically); a read at
+    round r takes the newest version from an earlier round. A run resumed from its checkpoint of round r-1
+    therefore reads exactly what the uninterrupted run read, even if the crashed attempt at round r had
+    already written newer versions. Older versions than the one read are deleted, so at most two remain.
+    """
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self._versions: dict[str, list[int]] | None = None  # client -> rounds on disk (scanned once, then kept)
+
+    def _index(self) -> dict[str, list[int]]:
+        if self._versions is None:
+            self._versions = {}
+            if self.dir.is_dir():
+                for p in self.dir.glob("*.safetensors"):
+                    client, _, r = p.name[: -len(".safetensors")].rpartition(".")
+                    if client and r.isdigit():
+                        self._versions.setdefault(client, []).append(int(r))
+        return self._versions
+
+    def _path(self, client: str, r: int) -> Path:
+        return self.dir / f"{client}.{r}.safetensors"
+
+    def get(self, client: str, round_: int) -> Weights | None:
+        """The state client ``client`` saved in the latest round before ``round_`` (None: it has none yet)."""
+        earlier = [r for r in self._index().get(client, []) if r < round_]
+        return load_file(self._path(client, max(earlier))) if earlier else None
+
+    def put(self, client: str, round_: int, state: Weights) -> None:
+        """Save the client's state after round ``round_``, dropping versions older than the one it read."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(client, round_)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(path)
+        rounds = self._index().setdefault(client, [])
+        if round_ not in rounds:
+            rounds.append(round_)
+        earlier = [r for r in rounds if r < round_]
+        keep = max(earlier) if earlier else None
+        for r in [r for r in rounds if r < round_ and r != keep]:
+            self._path(client, r).unlink(missing_ok=True)
+            rounds.remove(r)
+
+    def clients(self) -> int:
+        """How many clients have a saved state."""
+        return len(self._index())
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("*.safetensors")) if self.dir.is_dir() else 0

@@ -31,6 +31,7 @@ class ClientUpdate:
     num_examples: float  # size of the client's training shard (FedAvg weight; Algorithm 2 may set a fractional one)
     metrics: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
+    control: Weights | None = None  # SCAFFOLD: the client's new control variate (kept at the client, never sent)
 
 
 @dataclass

@@ -8,9 +8,10 @@ vanishes (``ClientDropout``) is simply missing from the replies, as over a netwo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from fedfm import codec
+from fedfm.compression import cast_broadcast
 from fedfm.errors import ClientDropout
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
@@ -26,18 +27,28 @@ class EmbeddedEngine:
     def train(
         self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
     ) -> tuple[list[ClientUpdate], int]:
-        """Run ``client_train`` for each (client index, task); return the updates received and the bytes sent down."""
-        received: dict[int, tuple[Weights, int]] = {}  # one broadcast message per distinct weights object
+        """Run ``client_train`` for each (client index, task); return the updates received and the bytes sent down.
+
+        Tensors travel as serialized messages both ways: the task's weights (in compression.down precision) and,
+        when present, the tensor dict ``config['control']`` (SCAFFOLD's server control variate)."""
+        received: dict[int, tuple[Weights, int]] = {}  # one broadcast message per distinct tensor dict
+        precision = self.app.cfg.compression.down
         updates, bytes_down = [], 0
-        for index, task in jobs:
-            key = id(task.weights)
+
+        def carry(tensors: Weights) -> Weights:
+            nonlocal bytes_down
+            key = id(tensors)
             if key not in received:
-                message = codec.encode(task.weights)
-                received[key] = (codec.decode(message), len(message))
-            weights, size = received[key]
-            bytes_down += size
+                message = codec.encode(cast_broadcast(tensors, precision))
+                received[key] = ({k: v.float() for k, v in codec.decode(message).items()}, len(message))
+            bytes_down += received[key][1]
+            return received[key][0]
+
+        for index, task in jobs:
+            weights = carry(task.weights)
+            config = {**task.config, "control": carry(task.config["control"])} if "control" in task.config else task.config
             try:
-                update = self.app.client_train(index, ClientTask(task.round, weights, task.num_examples, task.prox_mu, task.config))
+                update = self.app.client_train(index, ClientTask(task.round, weights, task.num_examples, task.prox_mu, config))
             except ClientDropout:
                 continue
             message = codec.encode(update.delta)

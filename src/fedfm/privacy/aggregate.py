@@ -173,8 +173,9 @@ class PrivateAggregator:
         total: Weights = {k: torch.zeros_like(t) for k, t in st.weights.items()}
         weight, bits, count = 0.0, 0.0, 0
         clip_now = self.clip_norm(st)
+        receive = getattr(self, "receive", None)  # decoding of compressed updates (set by the round loop)
         for u in sorted(updates, key=lambda u: u.client):
-            reason = validate(u, st.weights)
+            reason = (receive(u, st.weights) if receive else None) or validate(u, st.weights)
             if reason:
                 log.warning("round %d: rejected update from %s: %s", r, u.client, reason)
                 rejected.append({"client": u.client, "reason": reason})
