@@ -55,6 +55,25 @@ def test_compressed_run_sends_exact_small_messages_and_resumes_bitwise(tmp_path,
     assert not (full / "clients").exists()  # the simulated clients' private states are removed at the end
 
 
+def test_non_finite_update_under_compression_is_rejected_not_fatal(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "rounds=2", "train.local_steps=1", "compression.up=[sign]")
+    app = App(cfg)
+    honest = App._train
+
+    def exploding(self, index, task, control):
+        update = honest(self, index, task, control)
+        if index == 0 and task.round == 1:  # client_0's training blew up in round 1
+            name = next(iter(update.delta))
+            update.delta[name] = torch.full_like(update.delta[name], float("inf"))
+        return update
+
+    monkeypatch.setattr(App, "_train", exploding)
+    server.run_method(app, "federated", tmp_path / "r")
+    first, second = records(tmp_path / "r")
+    assert [x["client"] for x in first["rejected"]] == ["client_0"] and "NaN or Inf" in first["rejected"][0]["reason"]
+    assert second["rejected"] == [] and "client_0" in second["clients"]  # no poisoned residual was kept
+
+
 def test_malformed_compressed_update_is_rejected_with_its_reason(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, "rounds=1", "train.local_steps=1", "compression.up=[topk,int4]")
     app = App(cfg)
@@ -122,8 +141,9 @@ def test_exact_lora_aggregation_logs_its_truncation(tmp_path):
 
 
 def test_scaling_attacker_is_screened_out_by_its_norm(tmp_path):
-    run = server.run(tiny(tmp_path, "attack.kind=scaling", "attack.fraction=0.34", "federation.max_norm_ratio=5"))
-    app_byz = App(tiny(tmp_path / "x", "attack.kind=scaling", "attack.fraction=0.34"))
+    fed = "compare.methods=[federated]"
+    run = server.run(tiny(tmp_path, "attack.kind=scaling", "attack.fraction=0.34", "federation.max_norm_ratio=5", fed))
+    app_byz = App(tiny(tmp_path / "x", "attack.kind=scaling", "attack.fraction=0.34", fed))
     (bad,) = [app_byz.shards[i].name for i in app_byz.byzantine]
     for r in records(run):
         assert [x["client"] for x in r["rejected"]] == [bad]  # 30x the honest update: far above 5x the median
@@ -142,7 +162,8 @@ def test_compression_composes_with_central_dp(tmp_path):
 
 
 def test_backdoor_success_is_measured(tmp_path):
-    run = server.run(tiny(tmp_path, "rounds=1", "attack.kind=backdoor", "attack.fraction=0.34", "strategy.name=median"))
+    run = server.run(tiny(tmp_path, "rounds=1", "attack.kind=backdoor", "attack.fraction=0.34", "strategy.name=median",
+                          "compare.methods=[federated]"))
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["global"]["backdoor_success"] <= 1
     assert records(run)[0]["backdoor_success"] is not None
@@ -184,8 +205,14 @@ def test_dropouts_and_stragglers_are_excluded_logged_and_the_run_finishes(tmp_pa
         (["strategy.lora_aggregation=exact", "strategy.name=median"], "replaces the weighted mean"),
         (["strategy.lora_aggregation=exact", "peft.method=ia3"], "needs peft.method=lora"),
         (["strategy.name=scaffold", "compression.up=[int8]"], "scaffold"),
+        (["strategy.name=scaffold", "dpsgd.enabled=true", "compare.methods=[federated]"], "per-example clipping"),
+        (["strategy.name=scaffold", "server_data.fraction=0.1"], "no control variate"),
+        (["strategy.lora_aggregation=exact", "strategy.name=fedadam"], "new basis"),
+        (["strategy.lora_aggregation=exact", "strategy.server_lr=0.5"], "new basis"),
+        (["federation.max_norm_ratio=5", "dp.mode=central", "compare.methods=[federated]"], "clipping"),
+        (["attack.kind=sign_flip"], "set compare.methods=\\[federated\\]"),
         (["attack.kind=backdoor", "task=causal_lm", "data.source=austen", "model.source=scratch",
-          "model.tokenizer=bpe"], "needs task=classification"),
+          "model.tokenizer=bpe", "compare.methods=[federated]"], "needs task=classification"),
     ],
 )
 def test_combinations_that_cannot_hold_are_refused(overrides, match):

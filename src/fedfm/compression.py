@@ -133,8 +133,10 @@ def _encode_values(x: torch.Tensor, codec: str | None, block: int, generator: to
         return {KEY + "bits": bits, KEY + "scales": scales}
     if codec is None:
         return {KEY + "values": x.float()}
-    if codec in ("fp16", "bf16"):
-        return {KEY + "values": x.to(torch.float16 if codec == "fp16" else torch.bfloat16)}
+    if codec == "fp16":  # clamped to fp16's range: an overflow would become inf (error feedback keeps the excess)
+        return {KEY + "values": x.clamp(-65504.0, 65504.0).to(torch.float16)}
+    if codec == "bf16":
+        return {KEY + "values": x.to(torch.bfloat16)}
     codes, scales = quantize(x, codec, block, generator)
     return {KEY + "codes": codes, KEY + "scales": scales}
 

@@ -387,7 +387,8 @@ class AttackConfig(Section):
     trigger: str = Field("cf mn bb", min_length=1, description="backdoor: the trigger phrase appended to poisoned texts.")
     target_label: str | None = Field(None, description="backdoor: class the trigger maps to (None: the first class).")
     poison_fraction: float = Field(
-        0.5, gt=0, le=1, description="backdoor: share of an attacker's other-class training examples that carry the trigger."
+        0.5, gt=0, le=1, description="backdoor: share of an attacker's training examples that carry the trigger "
+        "(chosen among its examples of other classes than the target; all of those if they are fewer)."
     )
 
     @property
@@ -730,6 +731,14 @@ class RunConfig(Section):
                 f"strategy.lora_aggregation={st.lora_aggregation} replaces the weighted mean of {', '.join(MEAN_STRATEGIES)}; "
                 f"strategy.name={st.name} aggregates otherwise"
             )
+        if st.lora_aggregation in ("exact", "flexlora") and (
+            st.name not in ("fedavg", "fedprox") or st.server_lr != 1 or self.server_data.active
+        ):
+            raise ValueError(
+                f"strategy.lora_aggregation={st.lora_aggregation} re-factorises the adapter in a new basis each round: "
+                "it needs strategy.name=fedavg or fedprox with server_lr=1 and no server_data (a scaled, momentum or "
+                "mixed step would combine factors of different bases)"
+            )
         if st.lora_aggregation != "separate" and (self.dp.active or self.secagg.enabled):
             raise ValueError("strategy.lora_aggregation other than separate needs individual updates: not with dp/secagg")
         if fed.lora_ranks is not None:
@@ -751,6 +760,21 @@ class RunConfig(Section):
                              "secagg or compression")
         if st.name == "scaffold" and self.continual.active:
             raise ValueError("strategy.name=scaffold with continual.stages is not supported")
+        if st.name == "scaffold" and self.dpsgd.enabled:
+            raise ValueError("strategy.name=scaffold with dpsgd: the control correction would bypass DP-SGD's per-example "
+                             "clipping and the mean raw gradient would leave the client unprotected")
+        if st.name == "scaffold" and self.server_data.active:
+            raise ValueError("strategy.name=scaffold with server_data: the server's update carries no control variate")
+        if fed.max_norm_ratio is not None and (self.dp.active or self.secagg.enabled):
+            raise ValueError("federation.max_norm_ratio with dp/secagg: DP-FedAvg bounds every update by clipping "
+                             "(dp.clip_norm) and secure aggregation hides individual norms")
+        if self.attack.active:
+            baselines = [m for m in self.compare.methods if m in ("centralized", "local", "server")]
+            if baselines:
+                raise ValueError(
+                    f"attack with compare.methods including {', '.join(baselines)}: attacks are simulated in federated "
+                    "training (data attacks would poison the baselines' shards too); set compare.methods=[federated]"
+                )
         if self.attack.active and (self.dp.active or self.secagg.enabled):
             raise ValueError("attack with dp/secagg: attacks are simulated on plain federated runs")
         if self.attack.kind in ("label_flip", "backdoor") and self.task != "classification":

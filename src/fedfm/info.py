@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import get_args
 
-from fedfm.config import DataConfig, PeftSection
+from fedfm.config import AttackConfig, DataConfig, PeftSection, Stage
 from fedfm.engines import ENGINES
 from fedfm.models import PACKAGED_MODELS
 from fedfm.strategies import STRATEGIES
@@ -59,5 +60,8 @@ def collect() -> dict[str, list[tuple[str, str]]]:
         "tuning methods (peft.method)": [(m, "full fine-tuning" if m == "none" else "peft") for m in _choices(PeftSection, "method")],
         "strategies": [(name, (cls.__doc__ or "").strip().splitlines()[0]) for name, cls in STRATEGIES.items()],
         "partitions (data.partition)": [(p, "") for p in _choices(DataConfig, "partition")],
+        "update codecs (compression.up)": [(c, "sparsifier" if c in ("topk", "randk") else "value codec")
+                                           for c in get_args(Stage)],
+        "simulated attacks (attack.kind)": [(a, "") for a in _choices(AttackConfig, "kind") if a != "none"],
         "engines": [(name, (cls.__doc__ or cls.__module__).strip().splitlines()[0]) for name, cls in ENGINES.items()],
     }

@@ -356,8 +356,8 @@ class Runner:
         if app.codec is not None and app.uplink:
             from fedfm.compression import UpdateCodec
 
-            if not UpdateCodec.is_message(u.delta):
-                return "expected a compressed message (compression.up is set)"
+            if not UpdateCodec.is_message(u.delta):  # e.g. a client whose update was not finite sends it raw
+                return validate(u, reference) or "expected a compressed message (compression.up is set)"
             try:
                 u.delta = app.codec.decode(u.delta)
             except ValueError as exc:
@@ -453,7 +453,8 @@ class Runner:
         if ratio is not None and self.method == "federated":
             from fedfm.strategies.robust import norm_outliers
 
-            outliers = norm_outliers(valid, ratio)
+            # norms of the model change only (SCAFFOLD's control change is in gradient units)
+            outliers = norm_outliers([replace(u, delta={k: u.delta[k] for k in reference}) for u in valid], ratio)
             for u in valid:
                 if u.client in outliers:
                     log.warning("round %d: rejected update from %s: %s", r, u.client, outliers[u.client])

@@ -32,7 +32,8 @@ class EmbeddedEngine:
         Tensors travel as serialized messages both ways: the task's weights (in compression.down precision) and,
         when present, the tensor dict ``config['control']`` (SCAFFOLD's server control variate)."""
         received: dict[int, tuple[Weights, int]] = {}  # one broadcast message per distinct tensor dict
-        precision = self.app.cfg.compression.down
+        # the baselines send nothing: their participants start from the exact weights
+        precision = self.app.cfg.compression.down if getattr(self.app, "uplink", True) else "none"
         updates, bytes_down = [], 0
 
         def carry(tensors: Weights) -> Weights:

@@ -26,6 +26,8 @@ CONTROL = "control."
 
 @dataclass(frozen=True)
 class Scaffold:
+    """Control variates against client drift: x <- x + server_lr * mean(dy); c <- c + |S|/N mean(dc)."""
+
     server_lr: float = 1.0
     num_clients: int = 1  # N: set by the round loop from the federation's size
 
