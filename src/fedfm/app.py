@@ -255,8 +255,8 @@ class App:
             update = replace(update, delta={k: a.scale * v for k, v in update.delta.items()})
         if rank is not None:
             update = replace(update, delta=pack_rank(update.delta, self.lora_pairs, rank))
-        finite = all(bool(torch.isfinite(v).all()) for v in update.delta.values())
-        if codec is not None and finite:  # a non-finite update is sent as it is: the server rejects it with the reason
+        # a non-finite update is sent as it is (the server rejects it with the reason): no residual is kept from it
+        if codec is not None and all(bool(torch.isfinite(v).all()) for v in update.delta.values()):
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, task.round, index, 0xC0D))
             residual = {k[3:]: v for k, v in state.items() if k.startswith("ef.")} or None
             message, residual = with_feedback(codec, update.delta, residual, gen)
