@@ -46,6 +46,8 @@ QMAX = {"int8": 127, "int4": 7}
 
 def flatten(weights: Weights) -> torch.Tensor:
     """The tensors concatenated in sorted-name order, float32 (the coordinate order of every message)."""
+    if not weights:
+        return torch.zeros(0, dtype=torch.float32)
     return torch.cat([weights[k].detach().reshape(-1).float() for k in sorted(weights)])
 
 

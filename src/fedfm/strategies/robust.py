@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fedfm.compression import flatten
+from fedfm.privacy.dp import clip, global_norm
 from fedfm.strategies.fedavg import apply, weighted_mean
 from fedfm.types import ClientUpdate, ServerState, Weights
 
@@ -65,18 +67,14 @@ def _median(values: list[float]) -> float:
 
 
 def flat(update_delta: Weights) -> torch.Tensor:
-    """One float32 vector: the tensors of a delta flattened and concatenated in sorted-key order.
-
-    The geometry the robust rules below reason in (Krum's distances, norm bounding's global L2 norm).
-    """
-    if not update_delta:
-        return torch.zeros(0, dtype=torch.float32)
-    return torch.cat([update_delta[k].detach().reshape(-1).float() for k in sorted(update_delta)])
+    """One float32 vector in sorted-key order (``fedfm.compression.flatten``): the geometry the robust rules below
+    reason in (Krum's distances, norm bounding's global L2 norm)."""
+    return flatten(update_delta)
 
 
 def _norm(delta: Weights) -> float:
-    """Global L2 norm of a delta over all its tensors (accumulated in float64)."""
-    return float(flat(delta).double().norm())
+    """Global L2 norm of a delta over all its tensors (``fedfm.privacy.dp.global_norm``, float64)."""
+    return global_norm(delta) if delta else 0.0
 
 
 # --- coordinate-wise trimmed mean ----------------------------------------------------------------
@@ -141,12 +139,12 @@ def multi_krum(updates: list[ClientUpdate], f: int, m: int) -> tuple[Weights, li
 
 def clip_to_norm(delta: Weights, bound: float) -> tuple[Weights, float]:
     """delta * min(1, bound / ||delta||) with ||.|| the global L2 norm over all tensors (Sun et al. 2019, "Can you
-    really backdoor federated learning?"). Returns (new tensors, the norm before clipping)."""
+    really backdoor federated learning?"): DP-FedAvg's clipping (``fedfm.privacy.dp.clip``). Returns (new tensors,
+    the norm before clipping)."""
     if bound < 0:
         raise ValueError(f"norm bound must be >= 0, got {bound}")
-    norm = _norm(delta)
-    factor = bound / norm if norm > bound else 1.0
-    return {k: t.float() * factor for k, t in delta.items()}, norm
+    clipped, norm = clip({k: t.float() for k, t in delta.items()}, bound)
+    return clipped, norm
 
 
 def norm_bounded_mean(updates: list[ClientUpdate], bound: float | None) -> Weights:
