@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,14 +67,25 @@ class Shard:
 class App:
     """Everything a run needs, built once from a ``RunConfig`` (data checked before any training)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, owner: Path | None = None):
+        """``owner``: build the App of one data owner from its private directory (``fedfm.owner``), as a Flower
+        ClientApp does; its own shard sits at its federation index and every other client's is empty."""
         self.cfg = cfg
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
-        self.dataset: TextDataset = load_dataset(cfg.data, cfg.seed, cfg.task)
-        self.split: FederatedSplit = split(
-            self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed, cfg.server_data.fraction
-        )
+        self.owner: dict | None = None
+        if owner is None:
+            self.dataset: TextDataset = load_dataset(cfg.data, cfg.seed, cfg.task)
+            self.split: FederatedSplit = split(
+                self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed, cfg.server_data.fraction
+            )
+        else:
+            from fedfm.owner import load_owner
+
+            if cfg.task == "causal_lm" and cfg.model.source == "scratch" and cfg.model.tokenizer == "bpe":
+                raise ConfigError("a deployed owner cannot train the BPE tokenizer on everyone's text: use a packaged "
+                                  "tokenizer (model.tokenizer)")
+            self.dataset, self.split, self.owner = load_owner(owner, cfg)
         if cfg.task == "classification":
             self.tokenizer = load_tokenizer(cfg.model.source)
             encoded = encode(self.tokenizer, self.dataset.texts, self.dataset.labels, cfg.data.max_length)

@@ -20,6 +20,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect the package
 app.add_typer(data_app, name="data")
 rag_app = typer.Typer(no_args_is_help=True, help="Federated retrieval-augmented generation over owners' documents.")
 app.add_typer(rag_app, name="rag")
+deploy_app = typer.Typer(no_args_is_help=True, help="Run fedfm across machines on Flower: certificates, node keys, "
+                         "SuperLink, SuperNodes, owners' data.")
+app.add_typer(deploy_app, name="deploy")
 out = Console()
 err = Console(stderr=True)
 
@@ -49,6 +52,11 @@ def run(
     method: str = typer.Option("federated", help="federated | centralized | local | server"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default <output_dir>/<name>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this run directory."),
+    engine: Optional[str] = typer.Option(None, help="embedded | ray | flower (default: the config's engine.name)."),
+    federation: Optional[str] = typer.Option(None, help="flower: the SuperLink address HOST:PORT."),
+    root_certificates: Optional[Path] = typer.Option(
+        None, "--root-certificates", help="flower: the federation's CA certificate (ca.crt)."
+    ),
 ):
     """Train one method and write a run directory (config, metrics, checkpoints, final model, report)."""
     from fedfm import config as config_mod
@@ -56,20 +64,74 @@ def run(
     from fedfm.app import App
     from fedfm.rundir import RunDir
 
+    sets = list(overrides or [])
+    if engine is not None:
+        sets.append(f"engine.name={engine}")
+    if federation is not None:
+        sets.append(f"engine.address={federation}")
+    if root_certificates is not None:
+        sets.append(f"engine.root_certificates={root_certificates.resolve()}")
+    if (engine == "flower") or (engine is None and federation is not None):
+        _run_on_flower(config, sets, method, out_dir, resume)
+        return
     if resume is not None:
         if config is not None or overrides:
             raise FedFMError("--resume takes the config saved in the run directory; do not pass CONFIG or --set")
         cfg = RunDir(resume).load_config()
+        if engine is not None:  # the engine is where the run executes, not part of its result
+            cfg = config_mod.from_dict({**cfg.model_dump(mode="json"), "engine": {**cfg.engine.model_dump(), "name": engine}})
         summary = server.resume(App(cfg), resume)
         run_dir = resume
     else:
         if config is None:
             raise FedFMError("give a CONFIG file (or --resume RUN_DIR)")
-        cfg = config_mod.load(config, overrides or [])
+        cfg = config_mod.load(config, sets)
         run_dir = server.run(cfg, method, out_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
     out.print(report.run_table(summary))
     out.print(f"run directory: {run_dir}  (report: {run_dir / 'report.html'})")
+
+
+def _run_on_flower(config, sets, method, out_dir, resume) -> None:
+    """Submit the run to a Flower federation; the ServerApp writes the run directory on the SuperLink's machine."""
+    import tempfile
+
+    from fedfm import config as config_mod
+    from fedfm import deploy, report, server
+    from fedfm.rundir import RunDir
+
+    if method != "federated":
+        raise FedFMError(f"engine 'flower' runs federated training; run the {method} baseline on the embedded engine")
+    if resume is not None:
+        if config is not None:
+            raise FedFMError("--resume takes the config saved in the run directory; do not pass CONFIG")
+        if any(not s.startswith("engine.") for s in sets):
+            raise FedFMError("--resume takes the config saved in the run directory; only the engine may change")
+        saved = RunDir(resume).load_config().model_dump(mode="json")
+        engine = dict(s.split("=", 1) for s in sets)  # where the run executes, not part of its result
+        cfg = config_mod.from_dict({**saved, "engine": {**saved["engine"], **{k[7:]: v for k, v in engine.items()}}})
+        run_dir = resume
+    else:
+        if config is None:
+            raise FedFMError("give a CONFIG file (or --resume RUN_DIR)")
+        cfg = config_mod.load(config, sets)
+        run_dir = Path(out_dir) if out_dir else server.default_run_dir(cfg)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FedFMError(f"run directory {run_dir} already exists: pass --resume {run_dir} or choose another name")
+    e = cfg.engine
+    if e.name != "flower" or not e.address or not e.root_certificates:
+        raise FedFMError("a Flower run needs --engine flower, --federation HOST:PORT and --root-certificates CA_FILE")
+    with tempfile.TemporaryDirectory(prefix="fedfm-flwr-") as home:
+        deploy.flwr_home(Path(home), e.address, Path(e.root_certificates))
+        result = deploy.submit(cfg.model_dump(mode="json"), run_dir, Path(home), resume=resume is not None,
+                               echo=lambda line: err.print(line, markup=False, highlight=False))
+    summary = Path(run_dir) / "summary.json"
+    if not str(result["status"]).startswith("finished:completed") or not summary.is_file():
+        raise FedFMError(f"flower run {result['run_id']} ended {result['status']} {result['details']}".strip()
+                         + (f"; resume it with: fedfm run --resume {run_dir} --engine flower --federation {e.address} "
+                            f"--root-certificates {e.root_certificates}" if (Path(run_dir) / "checkpoints").is_dir() else ""))
+    out.print(report.run_table(json.loads(summary.read_text())))
+    out.print(f"run directory: {run_dir}  (report: {Path(run_dir) / 'report.html'})")
 
 
 @app.command()
@@ -295,6 +357,110 @@ def rag_eval(
     _rag_status(root, "evaluated")
     out.print(to_markdown(result))
     out.print(f"results: {root / 'eval.md'}")
+
+
+def _exec(cmd: list[str], env: dict[str, str]) -> None:
+    """Become the Flower program (same PID), so whoever started this command can stop it by that PID."""
+    import os
+    import shutil
+
+    if shutil.which(cmd[0]) is None:
+        raise FedFMError(f"{cmd[0]} not found: install fedfm (it brings flwr) in this environment")
+    out.print(" ".join(cmd), highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)
+
+
+@deploy_app.command("certs")
+@_user_errors
+def deploy_certs(
+    out_dir: Path = typer.Option(..., "--out", help="Directory for ca.crt, ca.key, server.pem, server.key."),
+    host: Optional[list[str]] = typer.Option(None, "--host", help="SuperLink host name or IP (repeatable)."),
+):
+    """Create the federation's CA and the SuperLink's TLS certificate (give every name/IP nodes will dial)."""
+    from fedfm.deploy import make_certificates
+
+    paths = make_certificates(out_dir, host or ["127.0.0.1", "localhost"])
+    out.print(f"CA certificate (give it to every owner): {paths['ca']}")
+    out.print(f"SuperLink certificate and key: {paths['cert']}, {paths['key']}  (keep ca.key offline)")
+
+
+@deploy_app.command("node-key")
+@_user_errors
+def deploy_node_key(path: Path = typer.Argument(..., help="Where to write the private key (PATH.pub: public key).")):
+    """Create a SuperNode's authentication key pair (the owner keeps the private key)."""
+    from fedfm.deploy import make_node_key
+
+    key, pub = make_node_key(path)
+    out.print(f"private key: {key}\npublic key (send to the SuperLink operator): {pub}")
+
+
+@deploy_app.command("register")
+@_user_errors
+def deploy_register(
+    public_key: list[Path] = typer.Argument(..., help="SuperNode public key file(s) (*.pub)."),
+    federation: str = typer.Option("127.0.0.1:9093", help="SuperLink address HOST:PORT."),
+    root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt."),
+):
+    """Allow SuperNodes to join: register their public keys with the SuperLink (an unknown key is refused)."""
+    import tempfile
+
+    from fedfm import deploy
+
+    with tempfile.TemporaryDirectory(prefix="fedfm-flwr-") as home:
+        deploy.flwr_home(Path(home), federation, root_certificates)
+        for key in public_key:
+            deploy.register_node(key, Path(home), key.stem)
+            out.print(f"registered {key}")
+
+
+@deploy_app.command("superlink")
+@_user_errors
+def deploy_superlink(
+    certs: Path = typer.Option(..., help="Directory written by `fedfm deploy certs`."),
+    database: Path = typer.Option(Path("superlink.db"), help="SuperLink state (nodes, runs): keep it to restart."),
+    host: str = typer.Option("127.0.0.1", help="Listen address (0.0.0.0 to accept other machines)."),
+    port: int = typer.Option(9093, help="Port of the SuperLink's Fleet, Control and Runtime APIs (HTTPS)."),
+):
+    """Start a Flower SuperLink: TLS, SuperNode authentication, no runtime installs, no telemetry."""
+    from fedfm.deploy import flower_env, superlink_command
+
+    _exec(superlink_command(certs, database, host, port), flower_env())
+
+
+@deploy_app.command("supernode")
+@_user_errors
+def deploy_supernode(
+    data: Path = typer.Option(..., help="The owner's private data directory (see `fedfm deploy split`)."),
+    superlink: str = typer.Option("127.0.0.1:9093", help="SuperLink address HOST:PORT."),
+    root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt."),
+    key: Path = typer.Option(..., help="This node's private key (`fedfm deploy node-key`)."),
+    port: int = typer.Option(9094, help="Local port of the node's runtime API (loopback; one per node)."),
+    state: Optional[Path] = typer.Option(None, help="Node state: Flower apps, client state (default DATA/.fedfm-state)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads of the node's training."),
+):
+    """Start a Flower SuperNode for one owner; its ClientApp trains on DATA, which never leaves this machine."""
+    from fedfm.deploy import flower_env, supernode_command
+
+    state = state or data / ".fedfm-state"
+    cmd = supernode_command(data, superlink, root_certificates, key, port, state)
+    (state / "flwr").mkdir(parents=True, exist_ok=True)
+    _exec(cmd, flower_env(FLWR_HOME=str(state / "flwr"), **({"FEDFM_THREADS": str(threads)} if threads else {})))
+
+
+@deploy_app.command("split")
+@_user_errors
+def deploy_split(
+    config: Path = typer.Argument(..., help="YAML config whose data split to write."),
+    overrides: Optional[list[str]] = SetOpt,
+    out_dir: Path = typer.Option(..., "--out", help="New directory: one owner directory per client."),
+):
+    """Write each client of a config's seeded split as an owner data directory (for SuperNodes)."""
+    from fedfm import config as config_mod
+    from fedfm.owner import export_owners
+
+    dirs = export_owners(config_mod.load(config, overrides or []), out_dir)
+    out.print(f"{len(dirs)} owner directories in {out_dir}: {', '.join(d.name for d in dirs)}")
 
 
 def main() -> None:  # console-script entry point

@@ -318,11 +318,31 @@ class SecAggConfig(Section):
 
 
 class EngineConfig(Section):
-    name: Literal["embedded"] = Field("embedded", description="Execution engine.")
+    name: Literal["embedded", "ray", "flower"] = Field(
+        "embedded",
+        description="Execution engine: embedded (in-process, one client after another), ray (clients in parallel "
+        "on Ray actors, one machine or a cluster), flower (owners' SuperNodes behind a Flower SuperLink).",
+    )
     state_memory_mb: float = Field(
         1024.0, ge=0, description="Per-client state kept in memory up to this size; the rest spills to disk."
     )
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default).")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default; ray: per actor).")
+    workers: int = Field(2, ge=1, description="ray: actors (each keeps one base model loaded).")
+    address: str | None = Field(
+        None,
+        description="ray: an existing cluster for ray.init(address=...) (None starts a local one on loopback); "
+        "flower: the SuperLink address host:port (set by fedfm run --federation).",
+    )
+    timeout_s: float = Field(
+        600.0, gt=0, description="flower: seconds a round waits for replies before counting a node as vanished."
+    )
+    connect_s: float = Field(
+        60.0, gt=0, description="flower: seconds the server waits for every owner's SuperNode before the first round "
+        "(then it starts with those online, if at least federation.min_clients).",
+    )
+    root_certificates: str | None = Field(
+        None, description="flower: the CA certificate (PEM) that signed the SuperLink's TLS certificate."
+    )
 
 
 Stage = Literal["topk", "randk", "fp16", "bf16", "int8", "int4", "sign"]
@@ -565,7 +585,25 @@ class RunConfig(Section):
         self._check_privacy()
         self._check_continual()
         self._check_updates()
+        self._check_engine()
         return self
+
+    def _check_engine(self) -> None:
+        """What only exists in simulation has no meaning on real owners' machines (the flower engine)."""
+        if self.engine.name != "flower":
+            return
+        simulated = [
+            ("attack.kind", self.attack.active, "attacks are simulated"),
+            ("federation.dropout", self.federation.dropout > 0, "real nodes vanish on their own"),
+            ("federation.deadline", self.federation.deadline is not None, "straggler times are simulated"),
+            ("continual.stages", self.continual.active, "stage schedules read the whole dataset"),
+            ("train.logit_adjustment", self.train.logit_adjustment, "it needs every owner's label counts"),
+            ("secagg.enabled", self.secagg.enabled, "a secure-aggregation round keeps client secrets between "
+             "messages, and Flower runs each message in a fresh ClientApp process"),
+        ]
+        for key, on, why in simulated:
+            if on:
+                raise ValueError(f"{key} is not available on engine 'flower': {why}")
 
     def _check_retrieval(self) -> None:
         """Pairs sources and the retrieval task go together."""

@@ -40,7 +40,7 @@ from fedfm.client import derive_seed, examples_per_round
 from fedfm.config import RunConfig
 from fedfm.continual import PREFIX as CONTINUAL_PREFIX
 from fedfm.continual import ContinualRun
-from fedfm.engines import build_engine
+from fedfm.engines import close_engine, engine_for
 from fedfm.errors import FedFMError, TrainingError
 from fedfm.models import save_pretrained, set_weights
 from fedfm.privacy import dp
@@ -167,7 +167,7 @@ class Runner:
         # baselines aggregate their single participant with plain FedAvg (w + delta)
         n = len(app.split.client_names)
         self.strategy = build_strategy(self.cfg.strategy, n) if method == "federated" else FedAvg()
-        self.engine = build_engine(self.cfg.engine.name, app)
+        self.engine = engine_for(app)
         # the clients' private state (error feedback, SCAFFOLD), under the run directory; compression and update
         # attacks act on what is sent, so only in federated training (the baselines send nothing)
         app.client_states = ClientStates(self.dir.path / "clients")
@@ -608,7 +608,10 @@ def resume(app: App, run_dir: Path, console: Console | None = None) -> dict[str,
             raise FedFMError(f"checkpoint in {run_dir} has {len(checkpoint)} groups, the config gives {len(runner.groups)}")
         states, history = runner.restore(checkpoint), rd.truncate_metrics(checkpoint.round)
     rd.set_status("running", status["method"], states.round)
-    return runner.run(states, history)
+    try:
+        return runner.run(states, history)
+    finally:
+        close_engine(app)
 
 
 def default_run_dir(cfg: RunConfig, method: str | None = None) -> Path:
@@ -622,7 +625,10 @@ def run(cfg: RunConfig, method: str = "federated", run_dir: Path | None = None, 
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FedFMError(f"run directory {run_dir} already exists: pass --resume {run_dir} or choose another name")
     app = App(cfg)  # data and model are checked here, before the run directory is created
-    run_method(app, method, run_dir, console)
+    try:
+        run_method(app, method, run_dir, console)
+    finally:
+        close_engine(app)
     return run_dir
 
 
@@ -633,6 +639,9 @@ def compare(cfg: RunConfig, out_dir: Path | None = None, console: Console | None
         if (out_dir / m).exists() and any((out_dir / m).iterdir()):
             raise FedFMError(f"{out_dir / m} already exists: choose another name (--set name=...)")
     app = App(cfg)
-    for m in cfg.compare.methods:
-        run_method(app, m, out_dir / m, console)
+    try:
+        for m in cfg.compare.methods:
+            run_method(app, m, out_dir / m, console)
+    finally:
+        close_engine(app)
     return report.write_comparison(out_dir, list(cfg.compare.methods))

@@ -1,12 +1,47 @@
-"""Engines move client tasks and updates; they never contain training or aggregation logic."""
+"""Engines move client tasks and updates; they never contain training or aggregation logic.
+
+``embedded`` runs every client in this process; ``ray`` runs them in parallel on Ray actors; ``flower`` sends
+them to the owners' Flower SuperNodes (see ``fedfm.engines.flower_engine``). Ray and Flower are imported only when
+their engine is chosen.
+"""
 
 from fedfm.engines.embedded import EmbeddedEngine
 
-ENGINES = {"embedded": EmbeddedEngine}
+
+def _ray(app):
+    from fedfm.engines.ray_engine import RayEngine
+
+    return RayEngine(app)
+
+
+def _flower(app):
+    from fedfm.engines.flower_engine import FlowerEngine
+
+    return FlowerEngine(app)
+
+
+ENGINES = {"embedded": EmbeddedEngine, "ray": _ray, "flower": _flower}
+
+
+def engine_for(app):
+    """The app's engine, built on first use and kept for every method run on that app (Ray actors and a Flower
+    connection are set up once per process, not once per method); ``close_engine`` releases it."""
+    engine = getattr(app, "_engine", None)
+    if engine is None or engine.name != app.cfg.engine.name:
+        close_engine(app)
+        engine = app._engine = ENGINES[app.cfg.engine.name](app)
+    return engine
+
+
+def close_engine(app) -> None:
+    engine = getattr(app, "_engine", None)
+    if engine is not None:
+        app._engine = None
+        engine.close()
 
 
 def build_engine(name: str, app):
     return ENGINES[name](app)
 
 
-__all__ = ["ENGINES", "EmbeddedEngine", "build_engine"]
+__all__ = ["ENGINES", "EmbeddedEngine", "build_engine", "close_engine", "engine_for"]

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedfm import codec
-from fedfm.compression import cast_broadcast
+from fedfm.engines.common import Broadcast, received, train_at_client
 from fedfm.errors import ClientDropout
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
@@ -24,6 +23,9 @@ class EmbeddedEngine:
     def __init__(self, app):
         self.app = app
 
+    def close(self) -> None:
+        """Nothing to release: the clients live in this process."""
+
     def train(
         self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
     ) -> tuple[list[ClientUpdate], int]:
@@ -31,33 +33,16 @@ class EmbeddedEngine:
 
         Tensors travel as serialized messages both ways: the task's weights (in compression.down precision) and,
         when present, the tensor dict ``config['control']`` (SCAFFOLD's server control variate)."""
-        received: dict[int, tuple[Weights, int]] = {}  # one broadcast message per distinct tensor dict
-        # the baselines send nothing: their participants start from the exact weights
-        precision = self.app.cfg.compression.down if getattr(self.app, "uplink", True) else "none"
-        updates, bytes_down = [], 0
-
-        def carry(tensors: Weights) -> Weights:
-            nonlocal bytes_down
-            key = id(tensors)
-            if key not in received:
-                message = codec.encode(cast_broadcast(tensors, precision))
-                received[key] = ({k: v.float() for k, v in codec.decode(message).items()}, len(message))
-            bytes_down += received[key][1]
-            return received[key][0]
-
+        down = Broadcast(self.app)
+        updates = []
         for index, task in jobs:
-            weights = carry(task.weights)
-            config = {**task.config, "control": carry(task.config["control"])} if "control" in task.config else task.config
-            try:
-                update = self.app.client_train(index, ClientTask(task.round, weights, task.num_examples, task.prox_mu, config))
-            except ClientDropout:
+            sent = train_at_client(self.app, index, down.task(task))
+            if sent is None:
                 continue
-            message = codec.encode(update.delta)
-            update.delta, update.bytes_up = codec.decode(message), len(message)
-            updates.append(update)
+            updates.append(received(*sent))
             if on_done:
-                on_done(update)
-        return updates, bytes_down
+                on_done(updates[-1])
+        return updates, down.bytes
 
     def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
         """Run the client function ``fn`` (a protocol step, bytes in and out) at each client.

@@ -1,0 +1,412 @@
+"""The Flower engine: fedfm's round loop as a Flower ServerApp, fedfm's client code as a Flower ClientApp.
+
+The ServerApp (``server_app``) builds the run's App and runs fedfm's own ``Runner`` (the round loop of every
+engine); the only difference is this engine, which sends each client task through Flower's ``Grid`` as a
+``Message`` to the SuperNode of the owner it is for, and turns the replies back into ``ClientUpdate``\\ s. The
+ClientApp (``client_app``), run by each owner's SuperNode, builds the owner's App from the private directory in
+its node config (``data-dir``) and calls the same ``App.client_train`` / ``client_evaluate`` as every engine.
+No training or aggregation code lives here.
+
+Wire format: tensors travel as Flower ``ArrayRecord``\\ s (Flower splits large arrays into chunks on the wire),
+scalars and JSON in ``ConfigRecord``\\ s. numpy has no bfloat16, so a bf16 tensor travels as its int16 bit pattern
+under a ``bf16:`` name prefix and is viewed back on arrival (exact). Reported ``bytes_up``/``bytes_down`` are the
+same message lengths as on the other engines (``fedfm.engines.common``), so runs compare across engines.
+
+Owners are matched to federation indices by asking every connected node who it is (``query.hello``); an owner
+that does not answer, or answers with an error (a missing data directory, a malformed one), is logged at the
+server with the node's own message and counts as vanished whenever it is sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedfm.engines.common import Broadcast, received, train_at_client
+from fedfm.errors import FedFMError
+from fedfm.types import ClientTask, ClientUpdate, Penalty, Weights
+
+log = logging.getLogger("fedfm")
+
+BF16 = "bf16:"
+
+
+# --- records ------------------------------------------------------------------------------------------
+def to_record(tensors: Weights):
+    """Named tensors -> ArrayRecord (bf16 as its int16 bit pattern; numpy has no bfloat16)."""
+    from flwr.app import ArrayRecord
+
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        if v.dtype == torch.bfloat16:
+            out[BF16 + k] = v.view(torch.int16)
+        else:
+            out[k] = v
+    return ArrayRecord(torch_state_dict=out)
+
+
+def from_record(record) -> Weights:
+    out = {}
+    for k, v in record.to_torch_state_dict().items():
+        if k.startswith(BF16):
+            out[k[len(BF16):]] = v.view(torch.bfloat16)
+        else:
+            out[k] = v
+    return out
+
+
+def payload_bytes(content) -> int:
+    """Bytes of the arrays a Flower message carries (what its transport chunks and sends, before framing)."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+
+
+def task_content(task: ClientTask, index: int, weights: Weights, control: Weights | None):
+    """A ClientTask as a Flower RecordDict (``weights``/``control`` as the broadcast message carries them)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    extra, records = {}, {"weights": to_record(weights)}
+    for key, value in task.config.items():
+        if key == "control":
+            records["control"] = to_record(control)
+        elif isinstance(value, Penalty):
+            records["penalty.anchor"] = to_record(value.anchor)
+            if value.precision is not None:
+                records["penalty.precision"] = to_record(value.precision)
+            extra["penalty"] = {"coefficient": value.coefficient}
+        else:
+            extra[key] = value
+    records["task"] = ConfigRecord({
+        "round": task.round, "index": index, "num_examples": -1 if task.num_examples is None else task.num_examples,
+        "prox_mu": float(task.prox_mu), "config": json.dumps(extra),
+    })
+    return RecordDict(records)
+
+
+def task_from_content(content) -> tuple[int, ClientTask]:
+    t = content.config_records["task"]
+    config = json.loads(t["config"])
+    arrays = content.array_records
+    if "control" in arrays:
+        config["control"] = {k: v.float() for k, v in from_record(arrays["control"]).items()}
+    if "penalty" in config:
+        precision = from_record(arrays["penalty.precision"]) if "penalty.precision" in arrays else None
+        config["penalty"] = Penalty(from_record(arrays["penalty.anchor"]), config["penalty"]["coefficient"], precision)
+    weights = {k: v.float() for k, v in from_record(arrays["weights"]).items()}
+    n = int(t["num_examples"])
+    return int(t["index"]), ClientTask(int(t["round"]), weights, None if n < 0 else n, float(t["prox_mu"]), config)
+
+
+def update_content(update: ClientUpdate, delta: Weights):
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({
+        "delta": to_record(delta),
+        "update": ConfigRecord({"client": update.client, "num_examples": float(update.num_examples),
+                                "metrics": json.dumps(update.metrics)}),
+    })
+
+
+def update_from_content(content) -> tuple[ClientUpdate, Weights]:
+    u = content.config_records["update"]
+    update = ClientUpdate(str(u["client"]), {}, float(u["num_examples"]), json.loads(u["metrics"]))
+    return update, from_record(content.array_records["delta"])
+
+
+# --- the engine (inside the ServerApp) -------------------------------------------------------------------
+class FlowerEngine:
+    """Client tasks as Flower messages to the owners' SuperNodes, through the ServerApp's Grid."""
+
+    name = "flower"
+
+    def __init__(self, app, grid=None):
+        if grid is None:
+            raise FedFMError("engine 'flower' runs inside a Flower ServerApp: start a SuperLink and the owners' "
+                             "SuperNodes (fedfm deploy ...), then `fedfm run CONFIG --engine flower --federation HOST:PORT`")
+        self.app, self.grid = app, grid
+        self.timeout = app.cfg.engine.timeout_s
+        self.nodes: dict[int, int] = {}  # federation index -> node id
+        self.roster: list[dict] = []  # every node that answered (or failed to): shown in the run directory
+        self.wire_bytes = {"down": 0, "up": 0}  # what the Flower records held (the engine-independent counts are kept)
+        self.connect()
+
+    def close(self) -> None:
+        """The ServerApp's process ends with the run; nothing to release."""
+
+    # -- discovery
+    def connect(self) -> None:
+        """Wait for the federation's SuperNodes, then ask each which owner it serves."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        want = self.app.cfg.federation.num_clients
+        deadline = time.monotonic() + self.app.cfg.engine.connect_s
+        ids = list(self.grid.get_node_ids())
+        while len(ids) < want and time.monotonic() < deadline:
+            time.sleep(1.0)
+            ids = list(self.grid.get_node_ids())
+        if not ids:
+            raise FedFMError("no SuperNode is connected to the SuperLink: start the owners' nodes first "
+                             "(fedfm deploy supernode --data DIR ...)")
+        hello = [Message(RecordDict({"hello": ConfigRecord({"num_clients": want})}), dst_node_id=n,
+                         message_type="query.hello") for n in ids]
+        replies = {m.metadata.src_node_id: m for m in self.grid.send_and_receive(hello, timeout=self.timeout)}
+        for node in ids:
+            m = replies.get(node)
+            if m is None:
+                self.roster.append({"node": node, "status": "no reply"})
+                log.warning("node %d did not answer who it is within %.0f s", node, self.timeout)
+                continue
+            if m.has_error():
+                reason = m.error.reason
+                self.roster.append({"node": node, "status": "error", "error": reason})
+                log.error("node %d cannot take part: %s", node, reason)
+                continue
+            info = dict(m.content.config_records["owner"])
+            index = int(info["index"])
+            if index in self.nodes:
+                self.roster.append({"node": node, "status": "duplicate", **info})
+                log.error("node %d claims owner index %d, already served by node %d: ignored", node, index,
+                          self.nodes[index])
+                continue
+            self.nodes[index] = node
+            self.roster.append({"node": node, "status": "ok", **info})
+        missing = sorted(set(range(want)) - set(self.nodes))
+        if missing:
+            log.warning("owners without a working SuperNode (they count as vanished when sampled): %s", missing)
+        need = self.app.cfg.federation.min_clients
+        if len(self.nodes) < need:
+            errors = "; ".join(f"node {r['node']}: {r.get('error', r['status'])}" for r in self.roster if r["status"] != "ok")
+            raise FedFMError(f"only {len(self.nodes)} of {want} owners are reachable (federation.min_clients={need})"
+                             + (f": {errors}" if errors else ""))
+
+    # -- exchanging messages
+    def _exchange(self, messages: list[tuple[int, object]]) -> dict[int, object]:
+        """Send (index, message) pairs; the replies that came back without error, by index.
+
+        Owners whose node the SuperLink no longer lists as connected are not sent anything (they vanished)."""
+        online = set(self.grid.get_node_ids())
+        for index, m in messages:
+            if m.metadata.dst_node_id not in online:
+                log.warning("owner %d: its node %d is offline", index, m.metadata.dst_node_id)
+        messages = [(i, m) for i, m in messages if m.metadata.dst_node_id in online]
+        by_node = {m.metadata.dst_node_id: index for index, m in messages}
+        replies = {}
+        out = [m for _, m in messages]
+        for reply in self.grid.send_and_receive(out, timeout=self.timeout) if out else []:
+            index = by_node.get(reply.metadata.src_node_id)
+            if index is None:
+                continue
+            if reply.has_error():
+                log.warning("owner %d (node %d) failed: %s", index, reply.metadata.src_node_id, reply.error.reason)
+                continue
+            replies[index] = reply
+        for index, _ in messages:
+            if index not in replies:
+                log.warning("owner %d sent no reply this round (vanished or failed)", index)
+        return replies
+
+    def _message(self, index: int, content, kind: str):
+        from flwr.app import Message
+
+        return Message(content, dst_node_id=self.nodes[index], message_type=kind)
+
+    def train(
+        self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
+    ) -> tuple[list[ClientUpdate], int]:
+        from fedfm.compression import cast_broadcast
+
+        down = Broadcast(self.app)
+        messages = []
+        for index, task in jobs:
+            down.message(task.weights)  # counted per receiver, as on every engine
+            control = None
+            if "control" in task.config:
+                down.message(task.config["control"])
+                control = cast_broadcast(task.config["control"], down.precision)
+            if index not in self.nodes:
+                continue  # no SuperNode serves this owner: it vanished before the round
+            content = task_content(task, index, cast_broadcast(task.weights, down.precision), control)
+            self.wire_bytes["down"] += payload_bytes(content)
+            messages.append((index, self._message(index, content, "train")))
+        replies = self._exchange(messages)
+        updates = []
+        for index, _ in jobs:
+            if index in replies:
+                content = replies[index].content
+                self.wire_bytes["up"] += payload_bytes(content)
+                update, delta = update_from_content(content)
+                from fedfm import codec
+
+                updates.append(received(update, codec.encode(delta)))
+                if on_done:
+                    on_done(updates[-1])
+        return updates, down.bytes
+
+    def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
+        from flwr.app import ConfigRecord, RecordDict
+
+        from fedfm.app import PROTOCOL_FUNCTIONS
+
+        if fn not in PROTOCOL_FUNCTIONS:
+            raise ValueError(f"unknown client function {fn!r}; expected one of {', '.join(PROTOCOL_FUNCTIONS)}")
+        messages = [(i, self._message(i, RecordDict({"call": ConfigRecord({"fn": fn, "index": i, "payload": bytes(p)})}),
+                                      "query.call")) for i, p in jobs if i in self.nodes]
+        replies = {i: bytes(m.content.config_records["reply"]["payload"]) for i, m in self._exchange(messages).items()}
+        return replies, sum(len(p) for _, p in jobs), sum(len(r) for r in replies.values())
+
+    def evaluate(self, jobs: list[tuple[int, Weights]]) -> list[dict[str, float]]:
+        from flwr.app import RecordDict
+
+        messages = [(i, self._message(i, RecordDict({"weights": to_record(w), "index": _index_record(i)}), "evaluate"))
+                    for i, w in jobs if i in self.nodes]
+        replies = self._exchange(messages)
+        return [json.loads(replies[i].content.config_records["metrics"]["json"]) if i in replies else None
+                for i, _ in jobs]
+
+
+def _index_record(index: int):
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"index": index})
+
+
+# --- the Flower apps ------------------------------------------------------------------------------------
+def _run_config(context) -> tuple[dict, dict]:
+    rc = context.run_config
+    if "fedfm-config" not in rc:
+        raise FedFMError("the Flower run has no 'fedfm-config': submit it with `fedfm run CONFIG --engine flower`")
+    config = json.loads(rc["fedfm-config"])
+    return config, rc
+
+
+def make_server_app():
+    """The ServerApp: fedfm's round loop with this engine."""
+    from flwr.serverapp import ServerApp
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        from fedfm import server
+        from fedfm.app import App
+        from fedfm.config import RunConfig
+        from fedfm.engines import close_engine
+        from fedfm.rundir import atomic_write_text
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("fedfm").setLevel(logging.INFO)
+        config, rc = _run_config(context)
+        cfg = RunConfig.model_validate(config)
+        run_dir = Path(str(rc["run-dir"]))
+        if not rc.get("resume") and run_dir.exists() and any(run_dir.iterdir()):
+            raise FedFMError(f"run directory {run_dir} already exists on the SuperLink's machine")
+        app = App(cfg)
+        engine = FlowerEngine(app, grid)
+        app._engine = engine
+        try:
+            if rc.get("resume"):
+                server.resume(app, run_dir)
+            else:
+                server.run_method(app, "federated", run_dir)
+        finally:
+            if run_dir.is_dir():
+                atomic_write_text(run_dir / "nodes.json", json.dumps(
+                    {"owners": engine.roster, "wire_bytes": engine.wire_bytes}, indent=1))
+            close_engine(app)
+
+    return server_app
+
+
+_OWNER_APPS: dict[tuple, object] = {}
+
+
+def _owner_app(context):
+    """The owner's App for this run (kept for the process's life; Flower starts one ClientApp process per
+    message, so each message pays for loading the model, which is memory-mapped from safetensors)."""
+    from fedfm.app import App
+    from fedfm.config import RunConfig
+    from fedfm.store import ClientStates
+
+    config, _ = _run_config(context)
+    data_dir = context.node_config.get("data-dir")
+    if not data_dir:
+        raise FedFMError("this SuperNode has no data-dir in its node config: start it with "
+                         "`fedfm deploy supernode --data DIR`")
+    key = (json.dumps(config, sort_keys=True), str(data_dir))
+    if key not in _OWNER_APPS:
+        config["engine"] = {**config["engine"], "name": "embedded"}
+        threads = os.environ.get("FEDFM_THREADS")
+        if threads:
+            config["engine"]["threads"] = int(threads)
+        cfg = RunConfig.model_validate(config)
+        app = App(cfg, owner=Path(str(data_dir)))
+        # the owner's private state across rounds (error feedback, SCAFFOLD's c_i) stays on its machine
+        state_dir = context.node_config.get("state-dir") or str(Path(str(data_dir)) / ".fedfm-state")
+        app.client_states = ClientStates(Path(str(state_dir)) / cfg.name)
+        app.uplink = True
+        _OWNER_APPS[key] = app
+    return _OWNER_APPS[key]
+
+
+def make_client_app():
+    """The ClientApp: fedfm's client functions on the owner's data."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    client_app = ClientApp()
+
+    def check_index(app, index: int) -> None:
+        if index != app.owner["index"]:
+            raise FedFMError(f"task for owner {index} reached the node of owner {app.owner['index']}")
+
+    @client_app.query("hello")
+    def hello(msg: Message, context) -> Message:
+        app = _owner_app(context)
+        o = app.owner
+        info = {"index": o["index"], "name": o["name"], "n_train": len(app.shards[o["index"]].train),
+                "n_test": len(app.shards[o["index"]].test)}
+        return Message(RecordDict({"owner": ConfigRecord(info)}), reply_to=msg)
+
+    @client_app.train()
+    def train(msg: Message, context) -> Message:
+        app = _owner_app(context)
+        index, task = task_from_content(msg.content)
+        check_index(app, index)
+        sent = train_at_client(app, index, task)
+        if sent is None:
+            raise FedFMError(f"owner {index} left the round")
+        update, message = sent
+        from fedfm import codec
+
+        return Message(update_content(update, codec.decode(message)), reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context) -> Message:
+        app = _owner_app(context)
+        index = int(msg.content.config_records["index"]["index"])
+        check_index(app, index)
+        weights = {k: v.float() for k, v in from_record(msg.content.array_records["weights"]).items()}
+        metrics = app.client_evaluate(index, weights)
+        return Message(RecordDict({"metrics": ConfigRecord({"json": json.dumps(metrics)})}), reply_to=msg)
+
+    @client_app.query("call")
+    def call(msg: Message, context) -> Message:
+        app = _owner_app(context)
+        c = msg.content.config_records["call"]
+        index, fn = int(c["index"]), str(c["fn"])
+        check_index(app, index)
+        from fedfm.app import PROTOCOL_FUNCTIONS
+
+        if fn not in PROTOCOL_FUNCTIONS:
+            raise FedFMError(f"unknown client function {fn!r}")
+        reply = getattr(app, fn)(index, bytes(c["payload"]))
+        return Message(RecordDict({"reply": ConfigRecord({"payload": bytes(reply)})}), reply_to=msg)
+
+    return client_app

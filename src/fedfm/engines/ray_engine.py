@@ -1,0 +1,176 @@
+"""The Ray engine: clients run in parallel on Ray actors, on this machine or on an existing Ray cluster.
+
+Each actor builds the run's ``App`` once (its own copy of the base model and the data) and then only swaps
+trainable state in and out, exactly as the embedded engine does in-process. Client ``i`` always runs on actor
+``i mod workers``: per-client protocol state (a secure-aggregation round's secrets) stays where it was created,
+and a run's results do not depend on which actor finished first. Replies are gathered in job order, so the
+aggregate sums the same floats in the same order as the embedded engine and the same seed gives the same model.
+
+What the actors share with the server is the run directory's ``clients/`` folder (each client's error-feedback
+residual or control variate): on a multi-machine cluster it must be on a shared file system.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import replace
+
+from fedfm.engines.common import Broadcast, received, train_at_client
+from fedfm.errors import ClientDropout, FedFMError
+from fedfm.types import ClientTask, ClientUpdate, Weights
+
+log = logging.getLogger("fedfm")
+
+# what every actor process needs: offline model loading, no usage reporting, tokenizers without their own threads
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+              "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+class _Worker:
+    """One Ray actor: one App (base model loaded once), running the client functions it is sent."""
+
+    def __init__(self, config: dict, threads: int):
+        import torch
+
+        from fedfm.app import App
+        from fedfm.config import RunConfig
+
+        torch.set_num_threads(threads)
+        cfg = RunConfig.model_validate(config)
+        self.app = App(cfg)
+        self.context: tuple | None = None
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def _sync(self, context: tuple) -> None:
+        """Mirror the server's per-method settings: uplink, the client-state folder, the pooled participant."""
+        if context == self.context:
+            return
+        from fedfm.store import ClientStates
+
+        uplink, states_dir, pooled = context
+        self.app.uplink = uplink
+        self.app.client_states = ClientStates(states_dir) if states_dir else None
+        if pooled is not None and len(self.app.shards) <= pooled:
+            if self.app.add_pooled_shard() != pooled:
+                raise RuntimeError("the pooled participant's index differs between the server and a Ray actor")
+        self.context = context
+
+    def train(self, context: tuple, index: int, task: ClientTask, weights: Weights):
+        self._sync(context)
+        return train_at_client(self.app, index, replace(task, weights=weights))
+
+    def call(self, context: tuple, fn: str, index: int, payload: bytes) -> bytes | None:
+        self._sync(context)
+        try:
+            return bytes(getattr(self.app, fn)(index, payload))
+        except ClientDropout:
+            return None
+
+    def evaluate(self, context: tuple, index: int, weights: Weights) -> dict[str, float]:
+        self._sync(context)
+        return self.app.client_evaluate(index, weights)
+
+
+class RayEngine:
+    """Clients in parallel on ``engine.workers`` Ray actors (``engine.address``: an existing cluster)."""
+
+    name = "ray"
+
+    def __init__(self, app):
+        try:
+            import ray
+        except ImportError:  # pragma: no cover - ray is a dependency
+            raise FedFMError("engine 'ray' needs the ray package: pip install 'ray==2.60.0'") from None
+        self.app, self.ray = app, ray
+        cfg = app.cfg.engine
+        self.workers = cfg.workers
+        self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+        os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+        self.started = not ray.is_initialized()
+        if self.started:
+            options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                           runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(self.threads)}})
+            if cfg.address:
+                ray.init(address=cfg.address, **options)
+            else:  # a private local cluster, listening on loopback only
+                ray.init(num_cpus=self.workers * self.threads, _node_ip_address="127.0.0.1",
+                         object_store_memory=2 * 2**30, **options)
+        config = app.cfg.model_dump(mode="json")
+        config["engine"] = {**config["engine"], "name": "embedded", "threads": self.threads}
+        remote = ray.remote(num_cpus=self.threads, max_concurrency=1)(_Worker)
+        self.actors = [remote.remote(config, self.threads) for _ in range(self.workers)]
+        try:
+            self.pids = ray.get([a.ready.remote() for a in self.actors])
+        except Exception as exc:
+            self.close()
+            raise FedFMError(f"a Ray actor failed to build the run's App: {exc}") from exc
+
+    def close(self) -> None:
+        for a in getattr(self, "actors", []):
+            self.ray.kill(a)
+        self.actors = []
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+            self.started = False
+
+    def _context(self) -> tuple:
+        app = self.app
+        pooled = next((i for i, s in enumerate(app.shards) if s.name == "pooled"), None)
+        states = str(app.client_states.dir) if app.client_states is not None else None
+        return (getattr(app, "uplink", True), states, pooled)
+
+    def _actor(self, index: int):
+        return self.actors[index % self.workers]
+
+    def _gather(self, refs: list, on_done: Callable | None = None) -> list:
+        """Results in job order; ``on_done(i, result)`` as each arrives."""
+        ray, pending, out = self.ray, list(refs), {}
+        where = {r: i for i, r in enumerate(refs)}
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                try:
+                    out[where[r]] = ray.get(r)
+                except ray.exceptions.RayActorError as exc:
+                    raise FedFMError(f"a Ray actor died: {exc}") from exc
+                if on_done:
+                    on_done(where[r], out[where[r]])
+        return [out[i] for i in range(len(refs))]
+
+    def train(
+        self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
+    ) -> tuple[list[ClientUpdate], int]:
+        """Every job submitted at once (each actor runs its clients in order); updates returned in job order."""
+        down, context, shared = Broadcast(self.app), self._context(), {}
+        refs = []
+        for index, task in jobs:
+            task = down.task(task)
+            key = id(task.weights)  # the decoded broadcast is put in the object store once, not once per client
+            if key not in shared:
+                shared[key] = self.ray.put(task.weights)
+            refs.append(self._actor(index).train.remote(context, index, replace(task, weights={}), shared[key]))
+        results = self._gather(refs, (lambda i, res: on_done(received(*res)) if res else None) if on_done else None)
+        return [received(*res) for res in results if res is not None], down.bytes
+
+    def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
+        from fedfm.app import PROTOCOL_FUNCTIONS
+
+        if fn not in PROTOCOL_FUNCTIONS:
+            raise ValueError(f"unknown client function {fn!r}; expected one of {', '.join(PROTOCOL_FUNCTIONS)}")
+        context = self._context()
+        refs = [self._actor(i).call.remote(context, fn, i, bytes(p)) for i, p in jobs]
+        replies = {i: r for (i, _), r in zip(jobs, self._gather(refs)) if r is not None}
+        return replies, sum(len(p) for _, p in jobs), sum(len(r) for r in replies.values())
+
+    def evaluate(self, jobs: list[tuple[int, Weights]]) -> list[dict[str, float]]:
+        context, shared = self._context(), {}
+        refs = []
+        for index, weights in jobs:
+            if id(weights) not in shared:
+                shared[id(weights)] = self.ray.put(weights)
+            refs.append(self._actor(index).evaluate.remote(context, index, shared[id(weights)]))
+        return self._gather(refs)

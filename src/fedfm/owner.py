@@ -1,0 +1,143 @@
+"""An owner's private data directory: what a Flower SuperNode trains on.
+
+In a deployment each owner keeps its data on its own machine; the SuperNode started for it is told the
+directory (``fedfm deploy supernode --data DIR``) and only the ClientApp running there ever reads it. The format
+is small and plain, so an owner can write it from its own records::
+
+    owner.json   {"format": "fedfm-owner/1", "name": "hospital-a", "index": 0, "num_clients": 3,
+                  "task": "classification", "label_names": ["business", "sport", ...]}
+    train.jsonl  one example per line: {"text": ..., "label": ...}  (retrieval / instruction: "text", "passage";
+    test.jsonl   causal_lm: "text" only)
+
+``index`` is the owner's position in the federation (it names the owner in sampling and seeds its client RNG);
+``fedfm deploy split CONFIG --out DIR`` writes one such directory per client of a config's simulated split, so
+a deployed run can be checked against the embedded engine on exactly the same shards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedfm.config import RunConfig
+from fedfm.data import FederatedSplit, TextDataset, load_dataset, split
+from fedfm.errors import DataError
+
+FORMAT = "fedfm-owner/1"
+PAIRS = ("retrieval", "instruction")
+
+
+def _row(ds: TextDataset, i: int, task: str) -> dict:
+    if task in PAIRS:
+        return {"text": ds.texts[i], "passage": ds.passages[i]}
+    if task == "classification":
+        return {"text": ds.texts[i], "label": ds.label_names[int(ds.labels[i])]}
+    return {"text": ds.texts[i]}
+
+
+def export_owners(cfg: RunConfig, out: Path) -> list[Path]:
+    """Write each client of ``cfg``'s seeded split as an owner directory under ``out`` (created; must be empty)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} is not empty: choose a new directory for the owners' data")
+    ds = load_dataset(cfg.data, cfg.seed, cfg.task)
+    sp = split(ds, cfg.data, cfg.federation.num_clients, cfg.seed, cfg.server_data.fraction)
+    n, dirs = len(sp.client_names), []
+    for i, (name, tr, te) in enumerate(zip(sp.client_names, sp.client_train, sp.client_test)):
+        d = out / f"owner-{i:0{len(str(n - 1))}d}"
+        tmp = d.with_name(d.name + ".partial")
+        tmp.mkdir(parents=True)
+        for part, idx in (("train", tr), ("test", te)):
+            with open(tmp / f"{part}.jsonl", "w") as f:
+                for j in idx:
+                    f.write(json.dumps(_row(ds, int(j), cfg.task), ensure_ascii=False) + "\n")
+        meta = {"format": FORMAT, "name": name, "index": i, "num_clients": n, "task": cfg.task,
+                "label_names": list(ds.label_names) if cfg.task == "classification" else []}
+        (tmp / "owner.json").write_text(json.dumps(meta, indent=1))
+        tmp.rename(d)  # a directory without .partial is complete
+        dirs.append(d)
+    return dirs
+
+
+def read_owner(data_dir: Path) -> dict:
+    """The owner's ``owner.json``, checked; a clear DataError for a missing or malformed directory."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise DataError(f"owner data directory {d} does not exist (start the SuperNode with --data pointing at the "
+                        "owner's directory, e.g. one written by `fedfm deploy split`)")
+    path = d / "owner.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{d} has no owner.json: it is not a fedfm owner directory") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path}: expected \"format\": \"{FORMAT}\"")
+    for key, kind in (("name", str), ("index", int), ("num_clients", int), ("task", str), ("label_names", list)):
+        if not isinstance(meta.get(key), kind):
+            raise DataError(f"{path}: field {key!r} must be a {kind.__name__}")
+    if not 0 <= meta["index"] < meta["num_clients"]:
+        raise DataError(f"{path}: index {meta['index']} is outside 0..{meta['num_clients'] - 1}")
+    return meta
+
+
+def _rows(path: Path, task: str, label_names: list[str]) -> tuple[list[str], list[int], list[str]]:
+    texts, labels, passages = [], [], []
+    if not path.is_file():
+        raise DataError(f"owner data file {path} does not exist")
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                texts.append(str(row["text"]))
+                if task in PAIRS:
+                    passages.append(str(row["passage"]))
+                label = row.get("label") if task == "classification" else None
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise DataError(f"{path}, line {n}: {type(exc).__name__}: {exc}") from None
+            if task == "classification":
+                if label not in label_names:
+                    raise DataError(f"{path}, line {n}: label {label!r} is not one of {label_names}")
+                labels.append(label_names.index(label))
+    return texts, labels, passages
+
+
+def load_owner(data_dir: Path, cfg: RunConfig) -> tuple[TextDataset, FederatedSplit, dict]:
+    """The owner's data as a one-owner dataset and split: its shard at its own index, every other client empty.
+
+    Checked against the run's config: same task, same number of clients, same classes as the server's."""
+    meta = read_owner(data_dir)
+    d = Path(data_dir)
+    if meta["task"] != cfg.task:
+        raise DataError(f"{d} holds {meta['task']} data but the run's task is {cfg.task}")
+    if meta["num_clients"] != cfg.federation.num_clients:
+        raise DataError(f"{d} belongs to a federation of {meta['num_clients']} owners, the run has "
+                        f"federation.num_clients={cfg.federation.num_clients}")
+    tr = _rows(d / "train.jsonl", cfg.task, meta["label_names"])
+    te = _rows(d / "test.jsonl", cfg.task, meta["label_names"])
+    if not tr[0]:
+        raise DataError(f"{d / 'train.jsonl'} has no examples")
+    texts = tr[0] + te[0]
+    task = cfg.task
+    ds = TextDataset(
+        texts=texts,
+        labels=np.asarray(tr[1] + te[1] if task == "classification" else [0] * len(texts), dtype=np.int64),
+        label_names=list(meta["label_names"]) if task == "classification" else ["text"],
+        keys=None,
+        name=f"owner {meta['name']}",
+        passages=tr[2] + te[2] if task in PAIRS else None,
+    )
+    n, i, empty = meta["num_clients"], meta["index"], np.empty(0, dtype=np.int64)
+    ntr = len(tr[0])
+    sp = FederatedSplit(
+        global_test=empty,
+        client_train=[np.arange(ntr) if j == i else empty for j in range(n)],
+        client_test=[np.arange(ntr, len(texts)) if j == i else empty for j in range(n)],
+        client_names=[meta["name"] if j == i else f"owner-{j}" for j in range(n)],
+    )
+    return ds, sp, meta
