@@ -27,27 +27,23 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def test_ray_engine_matches_embedded_bitwise(tmp_path):
     # compression with error feedback: each client's residual is written by an actor and read back next round,
-    # so the shared clients/ folder and the client -> actor assignment are both exercised
-    sets = ("engine.threads=1", "compression.up=[topk,int8]", "compression.topk_fraction=0.1")
-    emb = server.run(tiny(tmp_path, "name=emb", *sets))
-    ray_run = server.run(tiny(tmp_path, "name=ray", "engine.name=ray", "engine.workers=2", *sets))
-    a, b = final_state(emb), final_state(ray_run)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ma, mb = metrics(emb), metrics(ray_run)
-    for x, y in zip(ma, mb):
-        assert (x["bytes_up"], x["bytes_down"], x["accuracy"]) == (y["bytes_up"], y["bytes_down"], y["accuracy"])
-    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (emb, ray_run))
-    assert sa["per_client"] == sb["per_client"]  # final per-client evaluation ran on the actors
-    assert sb["client_states"]["clients"] == 3
-
-
-def test_ray_engine_runs_the_centralized_baseline(tmp_path):
-    # the pooled participant exists only after the server adds it: actors must add the same one
-    emb = server.run(tiny(tmp_path, "name=emb", "rounds=1", "engine.threads=1"), method="centralized")
-    ray_run = server.run(tiny(tmp_path, "name=ray", "rounds=1", "engine.name=ray", "engine.threads=1"),
-                         method="centralized")
-    a, b = final_state(emb), final_state(ray_run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # so the shared clients/ folder and the client -> actor assignment are both exercised; the centralized
+    # baseline's pooled participant exists only after the server adds it, so actors must add the same one;
+    # both methods run on one set of actors (the engine is kept across a comparison's methods)
+    sets = ("engine.threads=1", "compression.up=[topk,int8]", "compression.topk_fraction=0.1",
+            "compare.methods=[federated,centralized]")
+    server.compare(tiny(tmp_path, "name=emb", *sets))
+    server.compare(tiny(tmp_path, "name=ray", "engine.name=ray", "engine.workers=2", *sets))
+    for method in ("federated", "centralized"):
+        emb, ray_run = tmp_path / "emb" / method, tmp_path / "ray" / method
+        a, b = final_state(emb), final_state(ray_run)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
+        for x, y in zip(metrics(emb), metrics(ray_run)):
+            assert (x["bytes_up"], x["bytes_down"], x["accuracy"]) == (y["bytes_up"], y["bytes_down"], y["accuracy"])
+        sa, sb = (json.loads((r / "summary.json").read_text()) for r in (emb, ray_run))
+        assert sa["per_client"] == sb["per_client"]  # final per-client evaluation ran on the actors
+    fed = json.loads((tmp_path / "ray" / "federated" / "summary.json").read_text())
+    assert fed["client_states"]["clients"] == 3
 
 
 def test_owner_directories_hold_exactly_the_simulated_shards(tmp_path):
@@ -86,3 +82,79 @@ def test_bad_owner_directories_get_clear_errors(tmp_path):
     (d / "owner.json").write_text("{}")
     with pytest.raises(DataError, match="format"):
         load_owner(d, cfg)
+
+
+# --- the Flower wire format and deployment files (no processes) -------------------------------------------
+
+
+def test_flower_records_round_trip_tasks_and_updates_exactly():
+    from fedfm.engines.flower_engine import (
+        from_record, task_content, task_from_content, to_record, update_content, update_from_content,
+    )
+    from fedfm.types import ClientTask, ClientUpdate, Penalty
+
+    g = torch.Generator().manual_seed(0)
+    w = {"a.lora_A": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}
+    mixed = {"x": w["b"].to(torch.bfloat16), "y": torch.arange(7, dtype=torch.uint8), "z": w["b"].half()}
+    back = from_record(to_record(mixed))
+    # bf16 has no numpy dtype: it travels as its int16 bit pattern and comes back bit for bit
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in mixed.items())
+    penalty = Penalty({k: v + 1 for k, v in w.items()}, 0.5, {k: v.abs() for k, v in w.items()})
+    task = ClientTask(3, w, 48, 0.01, {"batch_size": 8, "control": w, "penalty": penalty,
+                                       "private": {"clip_norm": 0.1, "secagg": False}})
+    index, got = task_from_content(task_content(task, 2, w, w))
+    assert index == 2 and (got.round, got.num_examples, got.prox_mu) == (3, 48, 0.01)
+    assert all(torch.equal(got.weights[k], w[k]) for k in w)
+    assert got.config["batch_size"] == 8 and got.config["private"] == {"clip_norm": 0.1, "secagg": False}
+    assert all(torch.equal(got.config["control"][k], w[k]) for k in w)
+    p = got.config["penalty"]
+    assert p.coefficient == 0.5 and all(torch.equal(p.anchor[k], penalty.anchor[k]) for k in w)
+    assert all(torch.equal(p.precision[k], penalty.precision[k]) for k in w)
+    _, none = task_from_content(task_content(ClientTask(1, w), 0, w, None))
+    assert none.num_examples is None and none.config == {}
+    u, delta = update_from_content(update_content(ClientUpdate("client_4", {}, 33.0, {"train_loss": 1.25}), mixed))
+    assert (u.client, u.num_examples, u.metrics) == ("client_4", 33.0, {"train_loss": 1.25})
+    assert all(torch.equal(delta[k], v) for k, v in mixed.items())
+
+
+def test_deploy_certificates_chain_and_node_keys_load_as_flower_expects(tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from fedfm.deploy import make_certificates, make_node_key
+    from fedfm.errors import FedFMError
+
+    paths = make_certificates(tmp_path / "certs", ["127.0.0.1", "coord.example.org"])
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    cert = x509.load_pem_x509_certificate(paths["cert"].read_bytes())  # the first of the chain: the server's
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    assert oct(paths["key"].stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(FedFMError, match="already holds a CA"):
+        make_certificates(tmp_path / "certs", ["127.0.0.1"])
+    key, pub = make_node_key(tmp_path / "keys" / "node")
+    # what flower-supernode and `flwr supernode register` require: OpenSSH EC keys on a NIST curve
+    private = load_ssh_private_key(key.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert load_ssh_public_key(pub.read_bytes()).public_numbers() == private.public_key().public_numbers()
+    with pytest.raises(FedFMError, match="refusing to overwrite"):
+        make_node_key(key)
+
+
+def test_flower_engine_config_refuses_simulation_only_features(tmp_path):
+    from fedfm.errors import ConfigError
+
+    for key, value, why in [("federation.dropout", "0.2", "real nodes vanish"),
+                            ("attack.kind", "sign_flip", "simulated"),
+                            ("train.logit_adjustment", "true", "label counts")]:
+        with pytest.raises(ConfigError, match=why):
+            tiny(tmp_path, "engine.name=flower", f"{key}={value}")
+    from fedfm.engines.flower_engine import FlowerEngine
+
+    with pytest.raises(Exception, match="runs inside a Flower ServerApp"):
+        FlowerEngine(object())

@@ -19,7 +19,11 @@ import psutil
 import pytest
 import torch
 
+from typer.testing import CliRunner
+
+from fedfm import config as config_mod
 from fedfm import server
+from fedfm.cli import app as cli_app
 from fedfm.deploy import LocalFederation, make_node_key, online_nodes
 from fedfm.owner import export_owners
 
@@ -54,26 +58,43 @@ def clientapps(pgid: int) -> list[psutil.Process]:
     return found
 
 
-def test_flower_run_equals_embedded_and_refuses_unknown_nodes(tmp_path):
-    cfg = tiny(tmp_path / "runs", *FLOWER)
-    owners = export_owners(cfg, tmp_path / "owners")
-    # a 4th node whose owner directory is gone by the time the run starts: its error must reach the server
-    lost = tmp_path / "lost-owner"
-    shutil.copytree(owners[0], lost)
-    with LocalFederation(tmp_path / "fed", [*owners, lost], check=False) as fed:
-        shutil.rmtree(lost)
-        # an unknown node (its key was never registered) is refused and exits
-        make_node_key(tmp_path / "intruder")
-        intruder = fed.start_node(0, key=tmp_path / "intruder", name="intruder", max_wait_s=20)
-        assert intruder.wait(120) != 0
-        log = (tmp_path / "fed" / "logs" / "intruder.log").read_text()
-        assert "Failed to activate SuperNode" in log, log[-2000:]
-        assert online_nodes(fed.home) == 4
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """Three owners' SuperNodes and a SuperLink (TLS, node authentication), plus a 4th node whose owner directory
+    is gone by the time runs start (its error must reach the server); shared by this module's tests, in order."""
+    root = tmp_path_factory.mktemp("flower")
+    cfg = tiny(root / "runs", *FLOWER)
+    owners = export_owners(cfg, root / "owners")
+    lost = root / "lost-owner"
+    shutil.copytree(owners[0], lost)  # present when its node starts (fedfm deploy supernode checks it)
+    fed = LocalFederation(root / "fed", [*owners, lost]).start()
+    shutil.rmtree(lost)
+    fed.lost = lost
+    try:
+        yield fed
+    finally:
+        fed.close()  # every process this module started, by PID
 
-        result = fed.submit(cfg.model_dump(mode="json"), tmp_path / "run", echo=lambda line: None)
-    assert result["status"].startswith("finished:completed"), result
+
+def test_flower_run_equals_embedded_and_refuses_unknown_nodes(federation, tmp_path):
+    fed = federation
+    # an unknown node (its key was never registered) is refused and exits
+    make_node_key(tmp_path / "intruder")
+    intruder = fed.start_node(0, key=tmp_path / "intruder", name="intruder")
+    assert intruder.wait(120) != 0
+    log = (fed.root / "logs" / "intruder.log").read_text()
+    assert "Failed to activate SuperNode" in log, log[-2000:]
+    assert online_nodes(fed.home) == 4
+
+    # the user's command: fedfm run CONFIG --engine flower --federation ADDRESS --root-certificates CA
+    cfg = tiny(tmp_path, *FLOWER)
+    config_mod.save(cfg, tmp_path / "job.yaml")
     run = tmp_path / "run"
-    emb = server.run(tiny(tmp_path / "runs", "name=emb", "engine.threads=1"))
+    result = CliRunner().invoke(cli_app, ["run", str(tmp_path / "job.yaml"), "--out", str(run), "--engine", "flower",
+                                          "--federation", fed.address, "--root-certificates", str(fed.ca)])
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "run directory" in result.output
+    emb = server.run(tiny(tmp_path, "name=emb", "engine.threads=1"))
     a, b = final_state(emb), final_state(run)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)  # bitwise here; tolerance per the brief
@@ -81,14 +102,14 @@ def test_flower_run_equals_embedded_and_refuses_unknown_nodes(tmp_path):
     nodes = json.loads((run / "nodes.json").read_text())["owners"]
     assert sorted(n["index"] for n in nodes if n["status"] == "ok") == [0, 1, 2]
     errors = [n["error"] for n in nodes if n["status"] == "error"]
-    assert len(errors) == 1 and "does not exist" in errors[0] and str(lost) in errors[0]
+    assert len(errors) == 1 and "does not exist" in errors[0] and str(fed.lost) in errors[0]
     summary = json.loads((run / "summary.json").read_text())
     assert all(c["own"] is not None for c in summary["per_client"])  # final evaluation ran at the owners
 
 
-def test_flower_node_killed_mid_round_and_superlink_restarted(tmp_path):
-    cfg = tiny(tmp_path / "runs", *FLOWER, "rounds=3", "federation.min_clients=2")
-    owners = export_owners(cfg, tmp_path / "owners")
+def test_flower_node_killed_mid_round_and_superlink_restarted(federation, tmp_path):
+    fed = federation
+    cfg = tiny(tmp_path, *FLOWER, "federation.min_clients=2")
     run = tmp_path / "run"
     outcome: dict = {}
 
@@ -98,29 +119,26 @@ def test_flower_node_killed_mid_round_and_superlink_restarted(tmp_path):
         except Exception as exc:  # noqa: BLE001 - the SuperLink going away ends the log stream with an error
             outcome["error"] = exc
 
-    fed = LocalFederation(tmp_path / "fed", owners).start()
-    try:
-        worker = threading.Thread(target=submit)
-        worker.start()
-        # round 1 is under way once the run directory exists (owners answered) and owner 2 is training
-        wait_for("the run directory", lambda: (run / "config.yaml").is_file())
-        node2 = fed.procs["node2"].pid
-        wait_for("owner 2's ClientApp", lambda: clientapps(node2), every=0.1)
-        fed.stop("node2", signal.SIGKILL)  # the owner's machine dies mid-round
-        wait_for("round 1's checkpoint", lambda: (run / "metrics.jsonl").is_file() and metrics(run))
-        first = metrics(run)[0]
-        assert first["dropped"] == ["client_2"] and len(first["clients"]) == 2  # completed with the rest
-        fed.stop("superlink", signal.SIGKILL)  # the SuperLink's machine restarts; its ServerApp dies with it
-        worker.join(120)
-        assert "result" not in outcome or not outcome["result"]["status"].startswith("finished:completed")
-        fed.start_superlink()
-        fed.wait_online(2)  # the surviving nodes reconnect by themselves
-        submit(resume=True)
-    finally:
-        fed.close()
+    worker = threading.Thread(target=submit)
+    worker.start()
+    # round 1 is under way once the run directory exists (owners answered) and owner 2 is training
+    wait_for("the run directory", lambda: (run / "config.yaml").is_file())
+    node2 = fed.procs["node2"].pid
+    wait_for("owner 2's ClientApp", lambda: clientapps(node2), every=0.1)
+    fed.stop("node2", signal.SIGKILL)  # the owner's machine dies mid-round
+    wait_for("round 1's checkpoint", lambda: (run / "metrics.jsonl").is_file() and metrics(run))
+    first = metrics(run)[0]
+    assert first["dropped"] == ["client_2"] and len(first["clients"]) == 2  # completed with the rest
+    fed.stop("superlink", signal.SIGKILL)  # the SuperLink's machine restarts; its ServerApp dies with it
+    worker.join(120)
+    assert "result" not in outcome or not outcome["result"]["status"].startswith("finished:completed")
+    assert json.loads((run / "status.json").read_text())["status"] != "complete"
+    fed.start_superlink()
+    fed.wait_online(3)  # the surviving nodes (owners 0, 1 and the one without data) reconnect by themselves
+    submit(resume=True)
     assert outcome["result"]["status"].startswith("finished:completed"), outcome
     m = metrics(run)
-    assert [x["round"] for x in m] == [1, 2, 3]
+    assert [x["round"] for x in m] == [1, 2]
     assert m[0] == first  # round 1 was kept, not redone
-    assert all(x["dropped"] == ["client_2"] for x in m[1:])
+    assert m[1]["dropped"] == ["client_2"] and len(m[1]["clients"]) == 2
     assert json.loads((run / "status.json").read_text())["status"] == "complete"

@@ -503,3 +503,35 @@ def test_masked_vector_is_independent_of_its_plaintext():
         r = np.corrcoef(y.astype(np.float64), plain[i].astype(np.float64))[0, 1]
         assert abs(r) < threshold_5_sigma, (i, r)
     assert abs(np.corrcoef(ys[0].astype(np.float64), ys[1].astype(np.float64))[0, 1]) < threshold_5_sigma
+
+
+def test_client_state_survives_a_new_process_per_message():
+    # On Flower each protocol message runs in a fresh ClientApp process: the client's state is pickled to the
+    # owner's disk between steps (private keys as raw bytes). The sum must still be exact, dropout included.
+    import pickle
+
+    vectors = field_vectors(6, 300, seed=5)
+    params = SecAggParams()
+    ids, drop = sorted(vectors), {2}
+    server = SecAggServer(SESSION, params, ids, 300, graph_seed=SESSION)
+    disk = {i: pickle.dumps(SecAggClient(i, SESSION, params, 300)) for i in ids}
+
+    def step(i, fn, *args):
+        client = pickle.loads(disk[i])
+        out = getattr(client, fn)(*args)
+        disk[i] = pickle.dumps(client)
+        return out
+
+    for i in ids:
+        assert server.receive_advert(i, step(i, "advertise")) is None
+    for i, roster in server.rosters().items():
+        assert server.receive_shares(i, step(i, "share_keys", roster)) is None
+    for i, box in server.inboxes().items():
+        step(i, "receive_shares", box)
+    for i in ids:
+        if i not in drop:  # client 2 vanishes after the key exchange
+            server.receive_masked(i, step(i, "mask", vectors[i]))
+    for i, req in server.unmask_requests().items():
+        server.receive_unmask(i, step(i, "unmask", req))
+    assert np.array_equal(server.result(), plain_sum(vectors, sorted(set(ids) - drop)))
+    assert len(pickle.loads(disk[0]).__getstate__()["_c_sk"]) == 32  # an X25519 key as raw bytes

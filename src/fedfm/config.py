@@ -598,8 +598,6 @@ class RunConfig(Section):
             ("federation.deadline", self.federation.deadline is not None, "straggler times are simulated"),
             ("continual.stages", self.continual.active, "stage schedules read the whole dataset"),
             ("train.logit_adjustment", self.train.logit_adjustment, "it needs every owner's label counts"),
-            ("secagg.enabled", self.secagg.enabled, "a secure-aggregation round keeps client secrets between "
-             "messages, and Flower runs each message in a fresh ClientApp process"),
         ]
         for key, on, why in simulated:
             if on:

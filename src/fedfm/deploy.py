@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import subprocess
 from pathlib import Path
 
 from fedfm.errors import FedFMError
@@ -112,30 +113,28 @@ def superlink_command(certs: Path, database: Path, host: str = "127.0.0.1", port
     for name in ("ca.crt", "server.pem", "server.key"):
         if not (certs / name).is_file():
             raise FedFMError(f"{certs / name} is missing: create the certificates with `fedfm deploy certs --out {certs}`")
+    certs = certs.resolve()  # the SuperLink hands these paths to its helper processes: absolute
     return ["flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
             "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--database", str(database), "--host", host, "--port", str(port)]
+            "--disable-runtime-dependency-installation", "--database", str(Path(database).resolve()), "--host", host,
+            "--port", str(port)]
 
 
 def supernode_command(data: Path, superlink: str, root_certificates: Path, key: Path, port: int,
-                      state: Path | None = None, max_wait_s: float | None = None, check: bool = True) -> list[str]:
+                      state: Path | None = None) -> list[str]:
     """``flower-supernode`` for one owner: its private data directory in the node config, its own key.
 
-    ``check``: read the owner directory first, so a missing or malformed one is reported before the node starts
-    (a directory that disappears later is reported by the node's ClientApp to the server instead)."""
+    The owner directory is read first, so a missing or malformed one is reported before the node starts (one
+    that disappears later is reported by the node's ClientApp to the server instead)."""
     from fedfm.owner import read_owner
 
-    if check:
-        read_owner(data)
+    read_owner(data)
     for path, what in ((root_certificates, "root certificate"), (key, "node key")):
         if not Path(path).is_file():
             raise FedFMError(f"{what} {path} does not exist")
     config = f'data-dir="{Path(data).resolve()}"' + (f' state-dir="{Path(state).resolve()}"' if state else "")
-    cmd = ["flower-supernode", "--superlink", superlink, "--root-certificates", str(root_certificates),
-           "--auth-supernode-private-key", str(key), "--node-config", config, "--port", str(port)]
-    if max_wait_s is not None:
-        cmd += ["--max-wait-time", str(max_wait_s)]
-    return cmd
+    return ["flower-supernode", "--superlink", superlink, "--root-certificates", str(Path(root_certificates).resolve()),
+            "--auth-supernode-private-key", str(Path(key).resolve()), "--node-config", config, "--port", str(port)]
 
 
 # --- the flwr command line ----------------------------------------------------------------------------
@@ -183,9 +182,7 @@ def flwr_home(home: Path, address: str, root_certificates: Path) -> Path:
     return home
 
 
-def flwr(args: list[str], home: Path, check: bool = True, **kw) -> "subprocess.CompletedProcess":
-    import subprocess
-
+def flwr(args: list[str], home: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
     p = subprocess.run(["flwr", *args], env=flower_env(FLWR_HOME=str(home)),
                        capture_output=True, text=True, **kw)
     if check and p.returncode:
@@ -214,39 +211,47 @@ def online_nodes(home: Path) -> int:
         return 0
 
 
-def submit(config: dict, run_dir: Path, home: Path, resume: bool = False, echo=print) -> dict:
-    """Submit a fedfm run to the SuperLink of ``home``'s connection; stream its log until it ends.
+def submit_app(app_dir: Path, run_config: dict, home: Path, echo=print) -> dict:
+    """Submit the Flower app in ``app_dir`` with ``run_config`` overrides; stream its log until the run ends.
 
-    ``config`` is the resolved RunConfig (as JSON data); ``run_dir`` is where the ServerApp writes the run
-    directory (on the SuperLink's machine). Returns the run's id and final status."""
+    ``flwr run --stream`` exits 0 even when the ServerApp fails, so the run's final status is read back with
+    ``flwr list``. Returns the run id, status ('finished:completed' on success) and the status details."""
     import json
-    import subprocess
     import tempfile
 
     import tomli_w
+
+    with tempfile.TemporaryDirectory(prefix="fedfm-runcfg-") as tmp:
+        overrides = Path(tmp) / "run-config.toml"
+        overrides.write_text(tomli_w.dumps(run_config))
+        p = flwr(["run", str(app_dir), CONNECTION, "--format", "json", "--run-config", str(overrides)], home)
+    try:
+        run_id = json.loads(p.stdout)["run-id"]
+    except (ValueError, KeyError):
+        raise FedFMError(f"the SuperLink did not start the run: {p.stdout.strip()[-1000:]}") from None
+    echo(f"flower run {run_id} started")
+    with subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=flower_env(FLWR_HOME=str(home))) as logs:
+        for line in logs.stdout:
+            echo(line.rstrip("\n"))
+    status = flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], home)
+    run = json.loads(status.stdout)["runs"][0]
+    return {"run_id": run_id, "status": run.get("status"), "details": run.get("status-details", "")}
+
+
+def submit(config: dict, run_dir: Path, home: Path, resume: bool = False, echo=print) -> dict:
+    """Submit a fedfm run (``config``: the resolved RunConfig as JSON data) to ``home``'s SuperLink. The
+    ServerApp writes ``run_dir`` on the SuperLink's machine."""
+    import json
+    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fedfm-job-") as tmp:
         app_dir = Path(tmp) / "app"
         app_dir.mkdir()
         (app_dir / "pyproject.toml").write_text(PYPROJECT)
         (app_dir / "fedfm_job.py").write_text(JOB)
-        overrides = Path(tmp) / "run-config.toml"
-        overrides.write_text(tomli_w.dumps(
-            {"fedfm-config": json.dumps(config), "run-dir": str(Path(run_dir).resolve()), "resume": resume}))
-        p = flwr(["run", str(app_dir), CONNECTION, "--format", "json", "--run-config", str(overrides)], home)
-        try:
-            run_id = json.loads(p.stdout)["run-id"]
-        except (ValueError, KeyError):
-            raise FedFMError(f"the SuperLink did not start the run: {p.stdout.strip()[-1000:]}") from None
-    echo(f"flower run {run_id} started")
-    with subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True,
-                          env=flower_env(FLWR_HOME=str(home))) as logs:
-        for line in logs.stdout:
-            echo(line.rstrip("\n"))
-    status = flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], home)
-    run = json.loads(status.stdout)["runs"][0]
-    return {"run_id": run_id, "status": run.get("status"), "details": run.get("status-details", "")}
+        run_config = {"fedfm-config": json.dumps(config), "run-dir": str(Path(run_dir).resolve()), "resume": resume}
+        return submit_app(app_dir, run_config, home, echo)
 
 
 # --- a whole federation on this machine (tests, benchmarks, trying it out) -------------------------------
@@ -261,12 +266,13 @@ def free_port() -> int:
 class LocalFederation:
     """A SuperLink and one SuperNode per owner directory, all on loopback with TLS and node authentication.
 
-    Every process is started here and stopped here, by PID (each Flower program also ends the helper
-    processes it started: SuperExec, ServerApp, ClientApp). Logs go to ``root/logs``."""
+    The processes are started through fedfm's own commands (``fedfm deploy superlink|register|supernode``),
+    each in its own process group, and stopped here by PID with that group (a Flower program's helpers —
+    SuperExec, ServerApp, ClientApp — are in it). Logs go to ``root/logs``."""
 
-    def __init__(self, root: Path, owners: list[Path], threads: int | None = 1, check: bool = True):
-        self.root, self.owners, self.threads, self.check = Path(root), [Path(o) for o in owners], threads, check
-        self.procs: dict[str, "subprocess.Popen"] = {}
+    def __init__(self, root: Path, owners: list[Path], threads: int | None = 1):
+        self.root, self.owners, self.threads = Path(root), [Path(o) for o in owners], threads
+        self.procs: dict[str, subprocess.Popen] = {}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
 
@@ -285,9 +291,7 @@ class LocalFederation:
         return self.root / "keys" / f"node{i}"
 
     # processes
-    def _start(self, name: str, cmd: list[str], **env: str) -> "subprocess.Popen":
-        import subprocess
-
+    def _start(self, name: str, cmd: list[str], **env: str) -> subprocess.Popen:
         log = open(self.root / "logs" / f"{name}.log", "a")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=flower_env(**env),
                                             start_new_session=True)
@@ -295,9 +299,11 @@ class LocalFederation:
         return self.procs[name]
 
     def start_superlink(self, timeout: float = 60.0) -> None:
+        """``fedfm deploy superlink`` (which becomes ``flower-superlink``), waiting until it listens."""
         import time
 
-        cmd = superlink_command(self.root / "certs", self.root / "superlink.db", "127.0.0.1", self.port)
+        cmd = ["fedfm", "deploy", "superlink", "--certs", str(self.root / "certs"), "--database",
+               str(self.root / "superlink.db"), "--host", "127.0.0.1", "--port", str(self.port)]
         self._start("superlink", cmd, FLWR_HOME=str(self.root / "superlink-home"))
         t0, log = time.monotonic(), self.root / "logs" / "superlink.log"
         while time.monotonic() - t0 < timeout:
@@ -308,15 +314,25 @@ class LocalFederation:
             time.sleep(0.3)
         raise FedFMError(f"the SuperLink did not start within {timeout:.0f} s: {log.read_text()[-2000:]}")
 
-    def start_node(self, i: int, key: Path | None = None, name: str | None = None, max_wait_s: float | None = None):
+    def start_node(self, i: int, key: Path | None = None, name: str | None = None):
+        """``fedfm deploy supernode`` for owner ``i`` (which becomes ``flower-supernode``)."""
         state = self.root / "state" / f"node{i}"
-        (state / "flwr").mkdir(parents=True, exist_ok=True)
-        cmd = supernode_command(self.owners[i], self.address, self.ca, key or self.key(i), free_port(), state,
-                                max_wait_s, check=self.check)
-        env = {"FLWR_HOME": str(state / "flwr")}
+        cmd = ["fedfm", "deploy", "supernode", "--data", str(self.owners[i]), "--superlink", self.address,
+               "--root-certificates", str(self.ca), "--key", str(key or self.key(i)), "--port", str(free_port()),
+               "--state", str(state)]
+        env = {}
         if self.threads:
-            env.update(FEDFM_THREADS=str(self.threads), OMP_NUM_THREADS=str(self.threads))
+            cmd += ["--threads", str(self.threads)]
+            env["OMP_NUM_THREADS"] = str(self.threads)
         return self._start(name or f"node{i}", cmd, **env)
+
+    def register(self) -> None:
+        """``fedfm deploy register`` of every owner's public key."""
+        keys = [str(self.key(i).with_name(self.key(i).name + ".pub")) for i in range(len(self.owners))]
+        p = subprocess.run(["fedfm", "deploy", "register", *keys, "--federation", self.address,
+                            "--root-certificates", str(self.ca)], capture_output=True, text=True, env=flower_env())
+        if p.returncode:
+            raise FedFMError(f"registering the nodes failed: {(p.stdout + p.stderr)[-2000:]}")
 
     def wait_online(self, n: int, timeout: float = 90.0) -> None:
         import time
@@ -330,8 +346,7 @@ class LocalFederation:
     def start(self) -> "LocalFederation":
         self.prepare()
         self.start_superlink()
-        for i in range(len(self.owners)):
-            register_node(self.key(i).with_name(self.key(i).name + ".pub"), self.home, f"owner{i}")
+        self.register()
         for i in range(len(self.owners)):
             self.start_node(i)
         self.wait_online(len(self.owners))

@@ -7,6 +7,12 @@ from typing import get_args
 
 from fedfm.config import AttackConfig, DataConfig, PeftSection, Stage
 from fedfm.engines import ENGINES
+
+ENGINE_DOCS = {
+    "embedded": "in-process, one client after another on one shared base model (default)",
+    "ray": "clients in parallel on Ray actors (engine.workers), this machine or a cluster (engine.address)",
+    "flower": "owners' Flower SuperNodes behind a SuperLink: fedfm run --engine flower --federation HOST:PORT",
+}
 from fedfm.models import PACKAGED_MODELS
 from fedfm.strategies import STRATEGIES
 
@@ -63,5 +69,5 @@ def collect() -> dict[str, list[tuple[str, str]]]:
         "update codecs (compression.up)": [(c, "sparsifier" if c in ("topk", "randk") else "value codec")
                                            for c in get_args(Stage)],
         "simulated attacks (attack.kind)": [(a, "") for a in _choices(AttackConfig, "kind") if a != "none"],
-        "engines": [(name, (cls.__doc__ or cls.__module__).strip().splitlines()[0]) for name, cls in ENGINES.items()],
+        "engines": [(name, ENGINE_DOCS[name]) for name in ENGINES],
     }

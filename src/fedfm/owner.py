@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
+from typing import TYPE_CHECKING
 
-from fedfm.config import RunConfig
-from fedfm.data import FederatedSplit, TextDataset, load_dataset, split
 from fedfm.errors import DataError
+
+if TYPE_CHECKING:  # the data stack is imported only where data is read (a node's hello reads owner.json only)
+    from fedfm.config import RunConfig
+    from fedfm.data import FederatedSplit, TextDataset
 
 FORMAT = "fedfm-owner/1"
 PAIRS = ("retrieval", "instruction")
@@ -39,6 +41,8 @@ def _row(ds: TextDataset, i: int, task: str) -> dict:
 
 def export_owners(cfg: RunConfig, out: Path) -> list[Path]:
     """Write each client of ``cfg``'s seeded split as an owner directory under ``out`` (created; must be empty)."""
+    from fedfm.data import load_dataset, split
+
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty: choose a new directory for the owners' data")
@@ -84,6 +88,25 @@ def read_owner(data_dir: Path) -> dict:
     return meta
 
 
+def check_owner(data_dir: Path, task: str, num_clients: int) -> dict:
+    """``owner.json`` checked against a run (its task and federation size): cheap, no data is parsed."""
+    meta, d = read_owner(data_dir), Path(data_dir)
+    if meta["task"] != task:
+        raise DataError(f"{d} holds {meta['task']} data but the run's task is {task}")
+    if meta["num_clients"] != num_clients:
+        raise DataError(f"{d} belongs to a federation of {meta['num_clients']} owners, the run has "
+                        f"federation.num_clients={num_clients}")
+    for part in ("train", "test"):
+        if not (d / f"{part}.jsonl").is_file():
+            raise DataError(f"owner data file {d / f'{part}.jsonl'} does not exist")
+    return meta
+
+
+def count_rows(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _rows(path: Path, task: str, label_names: list[str]) -> tuple[list[str], list[int], list[str]]:
     texts, labels, passages = [], [], []
     if not path.is_file():
@@ -110,14 +133,13 @@ def _rows(path: Path, task: str, label_names: list[str]) -> tuple[list[str], lis
 def load_owner(data_dir: Path, cfg: RunConfig) -> tuple[TextDataset, FederatedSplit, dict]:
     """The owner's data as a one-owner dataset and split: its shard at its own index, every other client empty.
 
-    Checked against the run's config: same task, same number of clients, same classes as the server's."""
-    meta = read_owner(data_dir)
+    Checked against the run's config: same task, same number of clients."""
+    import numpy as np
+
+    from fedfm.data import FederatedSplit, TextDataset
+
+    meta = check_owner(data_dir, cfg.task, cfg.federation.num_clients)
     d = Path(data_dir)
-    if meta["task"] != cfg.task:
-        raise DataError(f"{d} holds {meta['task']} data but the run's task is {cfg.task}")
-    if meta["num_clients"] != cfg.federation.num_clients:
-        raise DataError(f"{d} belongs to a federation of {meta['num_clients']} owners, the run has "
-                        f"federation.num_clients={cfg.federation.num_clients}")
     tr = _rows(d / "train.jsonl", cfg.task, meta["label_names"])
     te = _rows(d / "test.jsonl", cfg.task, meta["label_names"])
     if not tr[0]:

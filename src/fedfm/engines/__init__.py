@@ -5,7 +5,12 @@ them to the owners' Flower SuperNodes (see ``fedfm.engines.flower_engine``). Ray
 their engine is chosen.
 """
 
-from fedfm.engines.embedded import EmbeddedEngine
+
+
+def _embedded(app):
+    from fedfm.engines.embedded import EmbeddedEngine
+
+    return EmbeddedEngine(app)
 
 
 def _ray(app):
@@ -20,7 +25,7 @@ def _flower(app):
     return FlowerEngine(app)
 
 
-ENGINES = {"embedded": EmbeddedEngine, "ray": _ray, "flower": _flower}
+ENGINES = {"embedded": _embedded, "ray": _ray, "flower": _flower}  # imported only when chosen
 
 
 def engine_for(app):
@@ -44,4 +49,4 @@ def build_engine(name: str, app):
     return ENGINES[name](app)
 
 
-__all__ = ["ENGINES", "EmbeddedEngine", "build_engine", "close_engine", "engine_for"]
+__all__ = ["ENGINES", "build_engine", "close_engine", "engine_for"]

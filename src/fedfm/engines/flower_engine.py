@@ -24,14 +24,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from fedfm.engines.common import Broadcast, received, train_at_client
 from fedfm.errors import FedFMError
-from fedfm.types import ClientTask, ClientUpdate, Penalty, Weights
+
+if TYPE_CHECKING:
+    from fedfm.types import ClientTask, ClientUpdate, Weights
+
+# torch and the client code are imported inside the functions that use them: a node's first message (which
+# owner are you?) then starts in well under a second instead of paying for torch and transformers
 
 log = logging.getLogger("fedfm")
 
@@ -41,6 +44,7 @@ BF16 = "bf16:"
 # --- records ------------------------------------------------------------------------------------------
 def to_record(tensors: Weights):
     """Named tensors -> ArrayRecord (bf16 as its int16 bit pattern; numpy has no bfloat16)."""
+    import torch
     from flwr.app import ArrayRecord
 
     out = {}
@@ -54,6 +58,8 @@ def to_record(tensors: Weights):
 
 
 def from_record(record) -> Weights:
+    import torch
+
     out = {}
     for k, v in record.to_torch_state_dict().items():
         if k.startswith(BF16):
@@ -71,6 +77,8 @@ def payload_bytes(content) -> int:
 def task_content(task: ClientTask, index: int, weights: Weights, control: Weights | None):
     """A ClientTask as a Flower RecordDict (``weights``/``control`` as the broadcast message carries them)."""
     from flwr.app import ConfigRecord, RecordDict
+
+    from fedfm.types import Penalty
 
     extra, records = {}, {"weights": to_record(weights)}
     for key, value in task.config.items():
@@ -91,6 +99,8 @@ def task_content(task: ClientTask, index: int, weights: Weights, control: Weight
 
 
 def task_from_content(content) -> tuple[int, ClientTask]:
+    from fedfm.types import ClientTask, Penalty
+
     t = content.config_records["task"]
     config = json.loads(t["config"])
     arrays = content.array_records
@@ -115,6 +125,8 @@ def update_content(update: ClientUpdate, delta: Weights):
 
 
 def update_from_content(content) -> tuple[ClientUpdate, Weights]:
+    from fedfm.types import ClientUpdate
+
     u = content.config_records["update"]
     update = ClientUpdate(str(u["client"]), {}, float(u["num_examples"]), json.loads(u["metrics"]))
     return update, from_record(content.array_records["delta"])
@@ -135,6 +147,7 @@ class FlowerEngine:
         self.nodes: dict[int, int] = {}  # federation index -> node id
         self.roster: list[dict] = []  # every node that answered (or failed to): shown in the run directory
         self.wire_bytes = {"down": 0, "up": 0}  # what the Flower records held (the engine-independent counts are kept)
+        self.node_seconds: list[dict] = []  # per training reply: the ClientApp's App loading and training time
         self.connect()
 
     def close(self) -> None:
@@ -156,7 +169,9 @@ class FlowerEngine:
                              "(fedfm deploy supernode --data DIR ...)")
         hello = [Message(RecordDict({"hello": ConfigRecord({"num_clients": want})}), dst_node_id=n,
                          message_type="query.hello") for n in ids]
-        replies = {m.metadata.src_node_id: m for m in self.grid.send_and_receive(hello, timeout=self.timeout)}
+        got = list(self.grid.send_and_receive(hello, timeout=self.timeout))
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
+        replies = {asked[m.metadata.reply_to_message_id]: m for m in got if m.metadata.reply_to_message_id in asked}
         for node in ids:
             m = replies.get(node)
             if m is None:
@@ -196,15 +211,18 @@ class FlowerEngine:
             if m.metadata.dst_node_id not in online:
                 log.warning("owner %d: its node %d is offline", index, m.metadata.dst_node_id)
         messages = [(i, m) for i, m in messages if m.metadata.dst_node_id in online]
-        by_node = {m.metadata.dst_node_id: index for index, m in messages}
         replies = {}
         out = [m for _, m in messages]
-        for reply in self.grid.send_and_receive(out, timeout=self.timeout) if out else []:
-            index = by_node.get(reply.metadata.src_node_id)
+        got = list(self.grid.send_and_receive(out, timeout=self.timeout)) if out else []
+        # a reply names the message it answers (an error the SuperLink sends for a dead node comes from the
+        # SuperLink itself, not from the node); message ids are assigned when the grid pushes the messages
+        by_id = {m.metadata.message_id: index for index, m in messages}
+        for reply in got:
+            index = by_id.get(reply.metadata.reply_to_message_id)
             if index is None:
                 continue
             if reply.has_error():
-                log.warning("owner %d (node %d) failed: %s", index, reply.metadata.src_node_id, reply.error.reason)
+                log.warning("owner %d failed: %s", index, reply.error.reason)
                 continue
             replies[index] = reply
         for index, _ in messages:
@@ -220,7 +238,9 @@ class FlowerEngine:
     def train(
         self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
     ) -> tuple[list[ClientUpdate], int]:
+        from fedfm import codec
         from fedfm.compression import cast_broadcast
+        from fedfm.engines.common import Broadcast, received
 
         down = Broadcast(self.app)
         messages = []
@@ -242,7 +262,7 @@ class FlowerEngine:
                 content = replies[index].content
                 self.wire_bytes["up"] += payload_bytes(content)
                 update, delta = update_from_content(content)
-                from fedfm import codec
+                self.node_seconds.append({k: update.metrics.pop(k, None) for k in ("node_setup_s", "node_train_s")})
 
                 updates.append(received(update, codec.encode(delta)))
                 if on_done:
@@ -318,13 +338,22 @@ def make_server_app():
         finally:
             if run_dir.is_dir():
                 atomic_write_text(run_dir / "nodes.json", json.dumps(
-                    {"owners": engine.roster, "wire_bytes": engine.wire_bytes}, indent=1))
+                    {"owners": engine.roster, "wire_bytes": engine.wire_bytes, "node_seconds": engine.node_seconds},
+                    indent=1))
             close_engine(app)
 
     return server_app
 
 
 _OWNER_APPS: dict[tuple, object] = {}
+
+
+def _data_dir(context) -> str:
+    data_dir = context.node_config.get("data-dir")
+    if not data_dir:
+        raise FedFMError("this SuperNode has no data-dir in its node config: start it with "
+                         "`fedfm deploy supernode --data DIR`")
+    return str(data_dir)
 
 
 def _owner_app(context):
@@ -335,12 +364,10 @@ def _owner_app(context):
     from fedfm.store import ClientStates
 
     config, _ = _run_config(context)
-    data_dir = context.node_config.get("data-dir")
-    if not data_dir:
-        raise FedFMError("this SuperNode has no data-dir in its node config: start it with "
-                         "`fedfm deploy supernode --data DIR`")
+    data_dir = _data_dir(context)
     key = (json.dumps(config, sort_keys=True), str(data_dir))
     if key not in _OWNER_APPS:
+        t0 = time.perf_counter()
         config["engine"] = {**config["engine"], "name": "embedded"}
         threads = os.environ.get("FEDFM_THREADS")
         if threads:
@@ -351,8 +378,38 @@ def _owner_app(context):
         state_dir = context.node_config.get("state-dir") or str(Path(str(data_dir)) / ".fedfm-state")
         app.client_states = ClientStates(Path(str(state_dir)) / cfg.name)
         app.uplink = True
+        app.setup_s = time.perf_counter() - t0  # what this message paid to load the owner's App
         _OWNER_APPS[key] = app
     return _OWNER_APPS[key]
+
+
+class _SecAggState:
+    """A secure-aggregation round spans several messages, and Flower runs each message in a fresh ClientApp
+    process: the owner's round state (its keys, the shares it holds) is kept between them in the owner's own
+    state directory (mode 0600), and deleted when the round's last step has used it."""
+
+    def __init__(self, app):
+        self.app, self.path = app, app.client_states.dir / "secagg.pkl"
+
+    def __enter__(self):
+        import pickle
+
+        if self.path.is_file():
+            self.app._secagg = pickle.loads(self.path.read_bytes())  # written by this owner's own ClientApp
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import pickle
+        import tempfile
+
+        if not self.app._secagg:
+            self.path.unlink(missing_ok=True)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".secagg.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(pickle.dumps(self.app._secagg))
+        os.replace(tmp, self.path)
 
 
 def make_client_app():
@@ -368,22 +425,31 @@ def make_client_app():
 
     @client_app.query("hello")
     def hello(msg: Message, context) -> Message:
-        app = _owner_app(context)
-        o = app.owner
-        info = {"index": o["index"], "name": o["name"], "n_train": len(app.shards[o["index"]].train),
-                "n_test": len(app.shards[o["index"]].test)}
+        """Which owner this node serves, checked against the run; reads owner.json only (no model, no torch)."""
+        from fedfm.owner import check_owner, count_rows
+
+        config, _ = _run_config(context)
+        d = Path(str(_data_dir(context)))
+        o = check_owner(d, config.get("task", "classification"), config["federation"]["num_clients"])
+        info = {"index": o["index"], "name": o["name"], "n_train": count_rows(d / "train.jsonl"),
+                "n_test": count_rows(d / "test.jsonl")}
         return Message(RecordDict({"owner": ConfigRecord(info)}), reply_to=msg)
 
     @client_app.train()
     def train(msg: Message, context) -> Message:
+        from fedfm import codec
+        from fedfm.engines.common import train_at_client
+
         app = _owner_app(context)
         index, task = task_from_content(msg.content)
         check_index(app, index)
-        sent = train_at_client(app, index, task)
+        t0 = time.perf_counter()
+        with _SecAggState(app):  # a masked update needs this round's secure-aggregation keys
+            sent = train_at_client(app, index, task)
         if sent is None:
             raise FedFMError(f"owner {index} left the round")
         update, message = sent
-        from fedfm import codec
+        update.metrics.update(node_setup_s=app.setup_s, node_train_s=time.perf_counter() - t0)
 
         return Message(update_content(update, codec.decode(message)), reply_to=msg)
 
@@ -406,7 +472,8 @@ def make_client_app():
 
         if fn not in PROTOCOL_FUNCTIONS:
             raise FedFMError(f"unknown client function {fn!r}")
-        reply = getattr(app, fn)(index, bytes(c["payload"]))
+        with _SecAggState(app):
+            reply = getattr(app, fn)(index, bytes(c["payload"]))
         return Message(RecordDict({"reply": ConfigRecord({"payload": bytes(reply)})}), reply_to=msg)
 
     return client_app

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -594,6 +594,20 @@ class SecAggClient:
         self._held: dict[int, bytes] = {}  # neighbour id -> the share pair it dealt to this client
         self._b = b""
         self._t = 0
+
+    def __getstate__(self) -> dict:
+        """For a client that lives in a new process per message (a Flower ClientApp): the round's state with the
+        two private keys as raw bytes; the derived ciphers are rebuilt on demand."""
+        raw = dict(encoding=serialization.Encoding.Raw, format=serialization.PrivateFormat.Raw,
+                   encryption_algorithm=serialization.NoEncryption())
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_c_sk", "_s_sk", "_aead")}
+        return {**state, "_c_sk": self._c_sk.private_bytes(**raw), "_s_sk": self._s_sk.private_bytes(**raw)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._c_sk = X25519PrivateKey.from_private_bytes(state["_c_sk"])
+        self._s_sk = X25519PrivateKey.from_private_bytes(state["_s_sk"])
+        self._aead = {}
 
     def _advance(self, expected: str, new: str) -> None:
         if self._stage != expected:
