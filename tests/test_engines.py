@@ -38,6 +38,7 @@ def test_ray_engine_matches_embedded_bitwise(tmp_path):
         emb, ray_run = tmp_path / "emb" / method, tmp_path / "ray" / method
         a, b = final_state(emb), final_state(ray_run)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
+        assert len(metrics(emb)) == len(metrics(ray_run)) == 2
         for x, y in zip(metrics(emb), metrics(ray_run)):
             assert (x["bytes_up"], x["bytes_down"], x["accuracy"]) == (y["bytes_up"], y["bytes_down"], y["accuracy"])
         sa, sb = (json.loads((r / "summary.json").read_text()) for r in (emb, ray_run))

@@ -65,67 +65,64 @@ def run(
     from fedfm.rundir import RunDir
 
     sets = list(overrides or [])
+    where = []  # where the run executes: not part of its result, so a resumed run may move
     if engine is not None:
-        sets.append(f"engine.name={engine}")
+        where.append(f"engine.name={engine}")
     if federation is not None:
-        sets.append(f"engine.address={federation}")
+        where.append(f"engine.address={federation}")
     if root_certificates is not None:
-        sets.append(f"engine.root_certificates={root_certificates.resolve()}")
-    if (engine == "flower") or (engine is None and federation is not None):
-        _run_on_flower(config, sets, method, out_dir, resume)
-        return
+        where.append(f"engine.root_certificates={root_certificates.resolve()}")
     if resume is not None:
         if config is not None or overrides:
-            raise FedFMError("--resume takes the config saved in the run directory; do not pass CONFIG or --set")
-        cfg = RunDir(resume).load_config()
-        if engine is not None:  # the engine is where the run executes, not part of its result
-            cfg = config_mod.from_dict({**cfg.model_dump(mode="json"), "engine": {**cfg.engine.model_dump(), "name": engine}})
-        summary = server.resume(App(cfg), resume)
-        run_dir = resume
+            raise FedFMError("--resume takes the config saved in the run directory; do not pass CONFIG or --set "
+                             "(--engine, --federation and --root-certificates may change)")
+        saved = RunDir(resume).load_config().model_dump(mode="json")
+        moved = {k.split(".", 1)[1]: v for k, v in (w.split("=", 1) for w in where)}
+        cfg = config_mod.from_dict({**saved, "engine": {**saved["engine"], **moved}})
     else:
         if config is None:
             raise FedFMError("give a CONFIG file (or --resume RUN_DIR)")
-        cfg = config_mod.load(config, sets)
+        cfg = config_mod.load(config, sets + where)
+    if cfg.engine.name == "flower":
+        _run_on_flower(cfg, method, out_dir, resume)
+        return
+    if resume is not None:
+        summary = server.resume(App(cfg), resume)
+        run_dir = resume
+    else:
         run_dir = server.run(cfg, method, out_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
     out.print(report.run_table(summary))
     out.print(f"run directory: {run_dir}  (report: {run_dir / 'report.html'})")
 
 
-def _run_on_flower(config, sets, method, out_dir, resume) -> None:
-    """Submit the run to a Flower federation; the ServerApp writes the run directory on the SuperLink's machine."""
+def _run_on_flower(cfg, method: str, out_dir: Path | None, resume: Path | None) -> None:
+    """Submit the run to a Flower federation from the coordinator's machine: the ServerApp, started by the
+    SuperLink, writes the run directory there."""
     import tempfile
 
-    from fedfm import config as config_mod
     from fedfm import deploy, report, server
-    from fedfm.rundir import RunDir
 
     if method != "federated":
         raise FedFMError(f"engine 'flower' runs federated training; run the {method} baseline on the embedded engine")
     if resume is not None:
-        if config is not None:
-            raise FedFMError("--resume takes the config saved in the run directory; do not pass CONFIG")
-        if any(not s.startswith("engine.") for s in sets):
-            raise FedFMError("--resume takes the config saved in the run directory; only the engine may change")
-        saved = RunDir(resume).load_config().model_dump(mode="json")
-        engine = dict(s.split("=", 1) for s in sets)  # where the run executes, not part of its result
-        cfg = config_mod.from_dict({**saved, "engine": {**saved["engine"], **{k[7:]: v for k, v in engine.items()}}})
         run_dir = resume
     else:
-        if config is None:
-            raise FedFMError("give a CONFIG file (or --resume RUN_DIR)")
-        cfg = config_mod.load(config, sets)
         run_dir = Path(out_dir) if out_dir else server.default_run_dir(cfg)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FedFMError(f"run directory {run_dir} already exists: pass --resume {run_dir} or choose another name")
     e = cfg.engine
-    if e.name != "flower" or not e.address or not e.root_certificates:
-        raise FedFMError("a Flower run needs --engine flower, --federation HOST:PORT and --root-certificates CA_FILE")
+    if not e.address or not e.root_certificates:
+        raise FedFMError("a Flower run needs --federation HOST:PORT and --root-certificates CA_FILE "
+                         "(or engine.address / engine.root_certificates)")
     with tempfile.TemporaryDirectory(prefix="fedfm-flwr-") as home:
         deploy.flwr_home(Path(home), e.address, Path(e.root_certificates))
         result = deploy.submit(cfg.model_dump(mode="json"), run_dir, Path(home), resume=resume is not None,
                                echo=lambda line: err.print(line, markup=False, highlight=False))
     summary = Path(run_dir) / "summary.json"
+    if not str(result["status"]).startswith("finished"):
+        raise FedFMError(f"flower run {result['run_id']} is still {result['status']} on the SuperLink: follow it with "
+                         f"`flwr log {result['run_id']}` or stop it with `flwr stop {result['run_id']}` before resuming")
     if not str(result["status"]).startswith("finished:completed") or not summary.is_file():
         raise FedFMError(f"flower run {result['run_id']} ended {result['status']} {result['details']}".strip()
                          + (f"; resume it with: fedfm run --resume {run_dir} --engine flower --federation {e.address} "

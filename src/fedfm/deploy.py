@@ -16,6 +16,7 @@ import datetime
 import ipaddress
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from fedfm.errors import FedFMError
@@ -132,7 +133,11 @@ def supernode_command(data: Path, superlink: str, root_certificates: Path, key: 
     for path, what in ((root_certificates, "root certificate"), (key, "node key")):
         if not Path(path).is_file():
             raise FedFMError(f"{what} {path} does not exist")
-    config = f'data-dir="{Path(data).resolve()}"' + (f' state-dir="{Path(state).resolve()}"' if state else "")
+    paths = {"data-dir": Path(data).resolve(), **({"state-dir": Path(state).resolve()} if state else {})}
+    for path in paths.values():  # Flower parses the node config as TOML: literal strings take any other character
+        if "'" in str(path) or "\n" in str(path):
+            raise FedFMError(f"{path}: a path with a quote (') or a newline cannot be passed to the SuperNode")
+    config = " ".join(f"{k}='{v}'" for k, v in paths.items())
     return ["flower-supernode", "--superlink", superlink, "--root-certificates", str(Path(root_certificates).resolve()),
             "--auth-supernode-private-key", str(Path(key).resolve()), "--node-config", config, "--port", str(port)]
 
@@ -230,12 +235,32 @@ def submit_app(app_dir: Path, run_config: dict, home: Path, echo=print) -> dict:
     except (ValueError, KeyError):
         raise FedFMError(f"the SuperLink did not start the run: {p.stdout.strip()[-1000:]}") from None
     echo(f"flower run {run_id} started")
-    with subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=flower_env(FLWR_HOME=str(home))) as logs:
-        for line in logs.stdout:
-            echo(line.rstrip("\n"))
-    status = flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], home)
-    run = json.loads(status.stdout)["runs"][0]
+    try:
+        with subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=flower_env(FLWR_HOME=str(home))) as logs:
+            for line in logs.stdout:
+                echo(line.rstrip("\n"))
+        # the log stream can end before the run does (a dropped connection): wait for the run's final status
+        for _ in range(60):
+            run = run_status(run_id, home)
+            if str(run["status"]).startswith("finished"):
+                return run
+            time.sleep(2.0)
+        return run
+    except KeyboardInterrupt:  # the user stops waiting: stop the run too, so no ServerApp is left writing
+        flwr(["stop", str(run_id), CONNECTION], home, check=False)
+        raise
+
+
+def run_status(run_id: str, home: Path) -> dict:
+    """A Flower run's status ('running', 'finished:completed', 'finished:failed', ...) and details."""
+    import json
+
+    p = flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], home, check=False)
+    try:
+        run = json.loads(p.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return {"run_id": run_id, "status": "unknown", "details": (p.stdout + p.stderr).strip()[-500:]}
     return {"run_id": run_id, "status": run.get("status"), "details": run.get("status-details", "")}
 
 
@@ -316,7 +341,7 @@ class LocalFederation:
 
     def start_node(self, i: int, key: Path | None = None, name: str | None = None):
         """``fedfm deploy supernode`` for owner ``i`` (which becomes ``flower-supernode``)."""
-        state = self.root / "state" / f"node{i}"
+        state = self.root / "state" / (name or f"node{i}")
         cmd = ["fedfm", "deploy", "supernode", "--data", str(self.owners[i]), "--superlink", self.address,
                "--root-certificates", str(self.ca), "--key", str(key or self.key(i)), "--port", str(free_port()),
                "--state", str(state)]
@@ -344,12 +369,17 @@ class LocalFederation:
             time.sleep(1.0)
 
     def start(self) -> "LocalFederation":
-        self.prepare()
-        self.start_superlink()
-        self.register()
-        for i in range(len(self.owners)):
-            self.start_node(i)
-        self.wait_online(len(self.owners))
+        """Everything up, or nothing left running."""
+        try:
+            self.prepare()
+            self.start_superlink()
+            self.register()
+            for i in range(len(self.owners)):
+                self.start_node(i)
+            self.wait_online(len(self.owners))
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def stop(self, name: str, sig: int | None = None, timeout: float = 30.0) -> None:
@@ -357,16 +387,16 @@ class LocalFederation:
         import signal
 
         p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
+        if p is None:
             return
-        try:
+        try:  # the group even if its leader already exited: its helpers (ClientApp, ...) may not have
             os.killpg(p.pid, sig or signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        except (ProcessLookupError, PermissionError):
+            pass
         try:
             p.wait(timeout)
-        except Exception:  # noqa: BLE001 - a process that ignores SIGTERM is killed
-            os.killpg(p.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:  # a process that ignores SIGTERM is killed
+            self._reap_group(p.pid)
             p.wait(10)
         self._reap_group(p.pid)
 

@@ -400,10 +400,16 @@ class Runner:
         c = self.cfg.dpsgd
         if not c.enabled:
             return {}
-        sizes = [len(s.train) for s in self.app.client_shards]
+        sizes = [self.shard_sizes(i)[0] for i in range(len(self.app.split.client_names))]
         batch = self.cfg.train.batch_size
         steps = max(math.ceil(examples_per_round(n, self.cfg.train) / batch) for n in sizes)
         return {"example_epsilon": dp.poisson_epsilon(r * steps, batch / min(sizes), c.noise_multiplier, c.delta)}
+
+    def shard_sizes(self, i: int) -> tuple[int, int]:
+        """Client ``i``'s (train, test) example counts: as its node reported them on a deployment (the owner's own
+        directory), else from the simulated split."""
+        reported = getattr(self.engine, "sizes", {}).get(i)
+        return reported if reported is not None else (len(self.app.shards[i].train), len(self.app.shards[i].test))
 
     def budget_exhausted(self, done: int) -> str | None:
         """Why the next round must not run because it would exceed dp.target_epsilon, or None."""
@@ -522,7 +528,8 @@ class Runner:
         if samples:  # generated answers of each final model, shown in the run report
             atomic_write_text(self.dir.path / "samples.json", json.dumps(samples, indent=1))
         per_client = [
-            {"client": app.shards[i].name, "n_train": len(app.shards[i].train), "n_test": len(app.shards[i].test), "own": own[i], "global": glob_each[i]}
+            {"client": app.shards[i].name, "n_train": self.shard_sizes(i)[0], "n_test": self.shard_sizes(i)[1], "own": own[i],
+             "global": glob_each[i]}
             for i in range(n)
         ]
         metrics = self.dir.metrics()
@@ -588,6 +595,7 @@ class Runner:
 
 def run_method(app: App, method: str, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
     """Start a fresh run of ``method`` in ``run_dir`` (which must not exist yet)."""
+    engine_for(app)  # Ray actors / a Flower connection first: an engine that cannot start leaves no run directory
     rd = RunDir(run_dir)
     rd.create(app.cfg, method)
     runner = Runner(app, method, rd, console)
@@ -598,17 +606,17 @@ def resume(app: App, run_dir: Path, console: Console | None = None) -> dict[str,
     """Continue an interrupted run from its newest checkpoint; the result equals an uninterrupted run."""
     rd = RunDir(run_dir)
     status = rd.status()
-    runner = Runner(app, status["method"], rd, console)
-    loaded = rd.load_checkpoint()
-    if loaded is None:
-        states, history = runner.initial_states(), rd.truncate_metrics(0)
-    else:
-        checkpoint, _meta = loaded
-        if len(checkpoint) != len(runner.groups):
-            raise FedFMError(f"checkpoint in {run_dir} has {len(checkpoint)} groups, the config gives {len(runner.groups)}")
-        states, history = runner.restore(checkpoint), rd.truncate_metrics(checkpoint.round)
-    rd.set_status("running", status["method"], states.round)
     try:
+        runner = Runner(app, status["method"], rd, console)
+        loaded = rd.load_checkpoint()
+        if loaded is None:
+            states, history = runner.initial_states(), rd.truncate_metrics(0)
+        else:
+            checkpoint, _meta = loaded
+            if len(checkpoint) != len(runner.groups):
+                raise FedFMError(f"checkpoint in {run_dir} has {len(checkpoint)} groups, the config gives {len(runner.groups)}")
+            states, history = runner.restore(checkpoint), rd.truncate_metrics(checkpoint.round)
+        rd.set_status("running", status["method"], states.round)
         return runner.run(states, history)
     finally:
         close_engine(app)

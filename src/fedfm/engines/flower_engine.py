@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,6 +147,10 @@ class FlowerEngine:
         self.app, self.grid = app, grid
         self.timeout = app.cfg.engine.timeout_s
         self.nodes: dict[int, int] = {}  # federation index -> node id
+        self.sizes: dict[int, tuple[int, int]] = {}  # federation index -> (train, test) examples its node reported
+        # names the owners' private state for this run on their machines (kept in the run directory: a resumed run
+        # finds the same state, a new run never reads another run's)
+        self.state_key = uuid.uuid4().hex
         self.roster: list[dict] = []  # every node that answered (or failed to): shown in the run directory
         self.wire_bytes = {"down": 0, "up": 0}  # what the Flower records held (the engine-independent counts are kept)
         self.node_seconds: list[dict] = []  # per training reply: the ClientApp's App loading and training time
@@ -183,14 +189,25 @@ class FlowerEngine:
                 self.roster.append({"node": node, "status": "error", "error": reason})
                 log.error("node %d cannot take part: %s", node, reason)
                 continue
-            info = dict(m.content.config_records["owner"])
-            index = int(info["index"])
+            try:
+                info = dict(m.content.config_records["owner"])
+                index = int(info["index"])
+                reported = (int(info["n_train"]), int(info["n_test"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                self.roster.append({"node": node, "status": "error", "error": f"malformed reply: {exc!r}"})
+                log.error("node %d sent a malformed answer: %r", node, exc)
+                continue
+            if not 0 <= index < want:
+                self.roster.append({"node": node, "status": "error", "error": f"owner index {index} out of range"})
+                log.error("node %d claims owner index %d, outside 0..%d", node, index, want - 1)
+                continue
             if index in self.nodes:
                 self.roster.append({"node": node, "status": "duplicate", **info})
                 log.error("node %d claims owner index %d, already served by node %d: ignored", node, index,
                           self.nodes[index])
                 continue
             self.nodes[index] = node
+            self.sizes[index] = reported
             self.roster.append({"node": node, "status": "ok", **info})
         missing = sorted(set(range(want)) - set(self.nodes))
         if missing:
@@ -231,9 +248,24 @@ class FlowerEngine:
         return replies
 
     def _message(self, index: int, content, kind: str):
-        from flwr.app import Message
+        from flwr.app import ConfigRecord, Message
 
-        return Message(content, dst_node_id=self.nodes[index], message_type=kind)
+        content["fedfm"] = ConfigRecord({"index": index, "state-key": self.state_key})
+        # a task not picked up within the round's timeout expires at the SuperLink: a late node never trains on it
+        return Message(content, dst_node_id=self.nodes[index], message_type=kind, ttl=self.timeout)
+
+    def remember_state_key(self) -> None:
+        """Keep the owners' state key in the run directory (next to the per-client state of the other engines)."""
+        from fedfm.rundir import atomic_write_text
+
+        clients = getattr(self.app, "client_states", None)
+        if clients is None:
+            return
+        path = Path(clients.dir).parent / "flower.json"
+        if path.is_file():
+            self.state_key = json.loads(path.read_text())["state_key"]
+        elif path.parent.is_dir():
+            atomic_write_text(path, json.dumps({"state_key": self.state_key}))
 
     def train(
         self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
@@ -242,6 +274,7 @@ class FlowerEngine:
         from fedfm.compression import cast_broadcast
         from fedfm.engines.common import Broadcast, received
 
+        self.remember_state_key()
         down = Broadcast(self.app)
         messages = []
         for index, task in jobs:
@@ -260,10 +293,17 @@ class FlowerEngine:
         for index, _ in jobs:
             if index in replies:
                 content = replies[index].content
+                try:
+                    update, delta = update_from_content(content)
+                except (KeyError, TypeError, ValueError) as exc:  # a broken node's reply: that owner is rejected
+                    log.warning("owner %d sent a malformed update: %r", index, exc)
+                    continue
                 self.wire_bytes["up"] += payload_bytes(content)
-                update, delta = update_from_content(content)
                 self.node_seconds.append({k: update.metrics.pop(k, None) for k in ("node_setup_s", "node_train_s")})
-
+                # who sent it is the server's knowledge (the node it asked), never the node's own claim
+                update.client = self.app.shards[index].name
+                if "client_index" in update.metrics:
+                    update.metrics["client_index"] = index
                 updates.append(received(update, codec.encode(delta)))
                 if on_done:
                     on_done(updates[-1])
@@ -276,9 +316,15 @@ class FlowerEngine:
 
         if fn not in PROTOCOL_FUNCTIONS:
             raise ValueError(f"unknown client function {fn!r}; expected one of {', '.join(PROTOCOL_FUNCTIONS)}")
+        self.remember_state_key()
         messages = [(i, self._message(i, RecordDict({"call": ConfigRecord({"fn": fn, "index": i, "payload": bytes(p)})}),
                                       "query.call")) for i, p in jobs if i in self.nodes]
-        replies = {i: bytes(m.content.config_records["reply"]["payload"]) for i, m in self._exchange(messages).items()}
+        replies = {}
+        for i, m in self._exchange(messages).items():
+            try:
+                replies[i] = bytes(m.content.config_records["reply"]["payload"])
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("owner %d sent a malformed protocol reply: %r", i, exc)
         return replies, sum(len(p) for _, p in jobs), sum(len(r) for r in replies.values())
 
     def evaluate(self, jobs: list[tuple[int, Weights]]) -> list[dict[str, float]]:
@@ -286,9 +332,17 @@ class FlowerEngine:
 
         messages = [(i, self._message(i, RecordDict({"weights": to_record(w), "index": _index_record(i)}), "evaluate"))
                     for i, w in jobs if i in self.nodes]
-        replies = self._exchange(messages)
-        return [json.loads(replies[i].content.config_records["metrics"]["json"]) if i in replies else None
-                for i, _ in jobs]
+        replies, out = self._exchange(messages), []
+        for i, _ in jobs:
+            try:
+                out.append(json.loads(replies[i].content.config_records["metrics"]["json"]) if i in replies else None)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("owner %d sent a malformed evaluation: %r", i, exc)
+                out.append(None)
+        missing = [self.app.shards[i].name for (i, _), m in zip(jobs, out) if m is None]
+        if missing:
+            log.warning("no final evaluation from %s (left out of own_mean)", ", ".join(missing))
+        return out
 
 
 def _index_record(index: int):
@@ -330,6 +384,8 @@ def make_server_app():
         app = App(cfg)
         engine = FlowerEngine(app, grid)
         app._engine = engine
+        if rc.get("resume") and (run_dir / "flower.json").is_file():
+            engine.state_key = json.loads((run_dir / "flower.json").read_text())["state_key"]
         try:
             if rc.get("resume"):
                 server.resume(app, run_dir)
@@ -361,8 +417,6 @@ def _owner_app(context):
     message, so each message pays for loading the model, which is memory-mapped from safetensors)."""
     from fedfm.app import App
     from fedfm.config import RunConfig
-    from fedfm.store import ClientStates
-
     config, _ = _run_config(context)
     data_dir = _data_dir(context)
     key = (json.dumps(config, sort_keys=True), str(data_dir))
@@ -374,13 +428,23 @@ def _owner_app(context):
             config["engine"]["threads"] = int(threads)
         cfg = RunConfig.model_validate(config)
         app = App(cfg, owner=Path(str(data_dir)))
-        # the owner's private state across rounds (error feedback, SCAFFOLD's c_i) stays on its machine
-        state_dir = context.node_config.get("state-dir") or str(Path(str(data_dir)) / ".fedfm-state")
-        app.client_states = ClientStates(Path(str(state_dir)) / cfg.name)
         app.uplink = True
         app.setup_s = time.perf_counter() - t0  # what this message paid to load the owner's App
         _OWNER_APPS[key] = app
     return _OWNER_APPS[key]
+
+
+def _use_state(app, context, msg) -> None:
+    """Point the owner's private state across rounds (error feedback, SCAFFOLD's c_i, a secure-aggregation
+    round's secrets) at this run's folder on the owner's machine; the run's key is checked to be a plain name."""
+    from fedfm.store import ClientStates
+
+    key = str(msg.content.config_records["fedfm"]["state-key"])
+    if not re.fullmatch(r"[0-9a-f]{32}", key):
+        raise FedFMError("malformed run state key")
+    root = Path(str(context.node_config.get("state-dir") or Path(_data_dir(context)) / ".fedfm-state"))
+    if app.client_states is None or app.client_states.dir != root / key:
+        app.client_states = ClientStates(root / key)
 
 
 class _SecAggState:
@@ -392,24 +456,30 @@ class _SecAggState:
         self.app, self.path = app, app.client_states.dir / "secagg.pkl"
 
     def __enter__(self):
+        import fcntl
         import pickle
 
-        if self.path.is_file():
-            self.app._secagg = pickle.loads(self.path.read_bytes())  # written by this owner's own ClientApp
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = open(self.path.with_suffix(".lock"), "w")  # one protocol step at a time per owner
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        # written only by this owner's own ClientApp, in its own state folder (mode 0600)
+        self.app._secagg = pickle.loads(self.path.read_bytes()) if self.path.is_file() else {}
         return self
 
     def __exit__(self, *exc) -> None:
         import pickle
         import tempfile
 
-        if not self.app._secagg:
-            self.path.unlink(missing_ok=True)
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".secagg.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(pickle.dumps(self.app._secagg))
-        os.replace(tmp, self.path)
+        try:
+            if not self.app._secagg:  # unmasked (the state is consumed) or never started
+                self.path.unlink(missing_ok=True)
+                return
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".secagg.")
+            with os.fdopen(fd, "wb") as f:
+                f.write(pickle.dumps(self.app._secagg))
+            os.replace(tmp, self.path)
+        finally:
+            self.lock.close()
 
 
 def make_client_app():
@@ -441,6 +511,7 @@ def make_client_app():
         from fedfm.engines.common import train_at_client
 
         app = _owner_app(context)
+        _use_state(app, context, msg)
         index, task = task_from_content(msg.content)
         check_index(app, index)
         t0 = time.perf_counter()
@@ -465,6 +536,7 @@ def make_client_app():
     @client_app.query("call")
     def call(msg: Message, context) -> Message:
         app = _owner_app(context)
+        _use_state(app, context, msg)
         c = msg.content.config_records["call"]
         index, fn = int(c["index"]), str(c["fn"])
         check_index(app, index)

@@ -92,8 +92,7 @@ class RayEngine:
         os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
         self.started = not ray.is_initialized()
         if self.started:
-            options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                           runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(self.threads)}})
+            options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if cfg.address:
                 ray.init(address=cfg.address, **options)
             else:  # a private local cluster, listening on loopback only
@@ -101,8 +100,10 @@ class RayEngine:
                          object_store_memory=2 * 2**30, **options)
         config = app.cfg.model_dump(mode="json")
         config["engine"] = {**config["engine"], "name": "embedded", "threads": self.threads}
+        # the actors' environment is set per actor, so it also holds on a cluster this engine did not start
+        env = {"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(self.threads)}}
         remote = ray.remote(num_cpus=self.threads, max_concurrency=1)(_Worker)
-        self.actors = [remote.remote(config, self.threads) for _ in range(self.workers)]
+        self.actors = [remote.options(runtime_env=env).remote(config, self.threads) for _ in range(self.workers)]
         try:
             self.pids = ray.get([a.ready.remote() for a in self.actors])
         except Exception as exc:
@@ -120,7 +121,7 @@ class RayEngine:
     def _context(self) -> tuple:
         app = self.app
         pooled = next((i for i, s in enumerate(app.shards) if s.name == "pooled"), None)
-        states = str(app.client_states.dir) if app.client_states is not None else None
+        states = str(app.client_states.dir.resolve()) if app.client_states is not None else None  # actors' cwd differs
         return (getattr(app, "uplink", True), states, pooled)
 
     def _actor(self, index: int):
