@@ -235,15 +235,29 @@ def submit_app(app_dir: Path, run_config: dict, home: Path, echo=print) -> dict:
     except (ValueError, KeyError):
         raise FedFMError(f"the SuperLink did not start the run: {p.stdout.strip()[-1000:]}") from None
     echo(f"flower run {run_id} started")
+    import threading
+
     try:
         with subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=flower_env(FLWR_HOME=str(home))) as logs:
-            for line in logs.stdout:
-                echo(line.rstrip("\n"))
+            def pump() -> None:
+                for line in logs.stdout:
+                    echo(line.rstrip("\n"))
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            while reader.is_alive():  # the stream may outlive its SuperLink (it keeps reconnecting): watch the run
+                reader.join(10.0)
+                if reader.is_alive():
+                    status = run_status(run_id, home)["status"]
+                    if str(status).startswith("finished") or status == "unknown":
+                        reader.join(5.0)  # the last lines
+                        logs.terminate()
+                        break
         # the log stream can end before the run does (a dropped connection): wait for the run's final status
-        for _ in range(60):
+        for _ in range(30):
             run = run_status(run_id, home)
-            if str(run["status"]).startswith("finished"):
+            if str(run["status"]).startswith("finished") or run["status"] == "unknown":  # done, or no SuperLink
                 return run
             time.sleep(2.0)
         return run
@@ -256,7 +270,10 @@ def run_status(run_id: str, home: Path) -> dict:
     """A Flower run's status ('running', 'finished:completed', 'finished:failed', ...) and details."""
     import json
 
-    p = flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], home, check=False)
+    try:
+        p = flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], home, check=False, timeout=60)
+    except subprocess.TimeoutExpired:
+        return {"run_id": run_id, "status": "unknown", "details": "the SuperLink did not answer"}
     try:
         run = json.loads(p.stdout)["runs"][0]
     except (ValueError, KeyError, IndexError):
@@ -402,13 +419,28 @@ class LocalFederation:
 
     @staticmethod
     def _reap_group(pgid: int) -> None:
-        """Kill what is left of a stopped process's group (a ClientApp mid-message, say)."""
+        """Kill what is left of a stopped process's group (a ClientApp mid-message, say), and any Flower helper
+        that names a dead member as its parent (``--parent-pid``) but left the group."""
         import signal
 
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        parents, found = {str(pgid)}, True
+        while found:
+            found = False
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    args = (proc / "cmdline").read_bytes().split(b"\0")
+                    if os.getpgid(int(proc.name)) == pgid or (
+                            b"--parent-pid" in args and args[args.index(b"--parent-pid") + 1].decode() in parents):
+                        os.kill(int(proc.name), signal.SIGKILL)
+                        if proc.name not in parents:
+                            parents.add(proc.name)
+                            found = True
+                except (OSError, IndexError, ValueError):
+                    continue
 
     def close(self) -> None:
         for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
