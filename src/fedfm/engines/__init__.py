@@ -45,8 +45,4 @@ def close_engine(app) -> None:
         engine.close()
 
 
-def build_engine(name: str, app):
-    return ENGINES[name](app)
-
-
-__all__ = ["ENGINES", "build_engine", "close_engine", "engine_for"]
+__all__ = ["ENGINES", "close_engine", "engine_for"]

@@ -383,9 +383,7 @@ def make_server_app():
             raise FedFMError(f"run directory {run_dir} already exists on the SuperLink's machine")
         app = App(cfg)
         engine = FlowerEngine(app, grid)
-        app._engine = engine
-        if rc.get("resume") and (run_dir / "flower.json").is_file():
-            engine.state_key = json.loads((run_dir / "flower.json").read_text())["state_key"]
+        app._engine = engine  # a resumed run's state key is read back from the run directory by the engine
         try:
             if rc.get("resume"):
                 server.resume(app, run_dir)
