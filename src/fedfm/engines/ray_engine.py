@@ -81,12 +81,20 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, app):
+        cfg = app.cfg.engine
+        if not cfg.address:
+            # a private local cluster listens on loopback only: Ray turns a 127.0.0.1 node address into the machine's
+            # external one unless it runs in its single-machine mode (read from the environment at import, and
+            # inherited by the GCS and raylet processes it starts)
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         try:
             import ray
+            from ray._private import ray_constants
         except ImportError:  # pragma: no cover - ray is a dependency
             raise FedFMError("engine 'ray' needs the ray package: pip install 'ray==2.60.0'") from None
+        if not cfg.address:
+            ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before this engine
         self.app, self.ray = app, ray
-        cfg = app.cfg.engine
         self.workers = cfg.workers
         self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
         os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
@@ -96,8 +104,7 @@ class RayEngine:
             if cfg.address:
                 ray.init(address=cfg.address, **options)
             else:  # a private local cluster, listening on loopback only
-                ray.init(num_cpus=self.workers * self.threads, _node_ip_address="127.0.0.1",
-                         object_store_memory=2 * 2**30, **options)
+                ray.init(num_cpus=self.workers * self.threads, object_store_memory=2 * 2**30, **options)
         config = app.cfg.model_dump(mode="json")
         config["engine"] = {**config["engine"], "name": "embedded", "threads": self.threads}
         # the actors' environment is set per actor, so it also holds on a cluster this engine did not start
