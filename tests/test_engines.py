@@ -159,3 +159,19 @@ def test_flower_engine_config_refuses_simulation_only_features(tmp_path):
 
     with pytest.raises(Exception, match="runs inside a Flower ServerApp"):
         FlowerEngine(object())
+
+
+def test_ray_local_cluster_listens_on_loopback_only(tmp_path):
+    # the brief's rule for services a run starts; Ray on its own would listen on the machine's external address
+    import psutil
+
+    from fedfm.engines import close_engine, engine_for
+
+    app = App(tiny(tmp_path, "engine.name=ray", "engine.threads=1", "engine.workers=1"))
+    engine_for(app)
+    try:
+        ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours}
+        assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
+    finally:
+        close_engine(app)
