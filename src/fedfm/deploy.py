@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import subprocess
 import time
@@ -207,8 +208,6 @@ def register_node(public_key: Path, home: Path, name: str | None = None) -> str:
 
 
 def online_nodes(home: Path) -> int:
-    import json
-
     p = flwr(["supernode", "list", CONNECTION, "--format", "json"], home, check=False)
     try:
         return sum(n.get("status") == "online" for n in json.loads(p.stdout)["nodes"])
@@ -221,7 +220,6 @@ def submit_app(app_dir: Path, run_config: dict, home: Path, echo=print) -> dict:
 
     ``flwr run --stream`` exits 0 even when the ServerApp fails, so the run's final status is read back with
     ``flwr list``. Returns the run id, status ('finished:completed' on success) and the status details."""
-    import json
     import tempfile
 
     import tomli_w
@@ -268,8 +266,6 @@ def submit_app(app_dir: Path, run_config: dict, home: Path, echo=print) -> dict:
 
 def run_status(run_id: str, home: Path) -> dict:
     """A Flower run's status ('running', 'finished:completed', 'finished:failed', ...) and details."""
-    import json
-
     try:
         p = flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], home, check=False, timeout=60)
     except subprocess.TimeoutExpired:
@@ -284,7 +280,6 @@ def run_status(run_id: str, home: Path) -> dict:
 def submit(config: dict, run_dir: Path, home: Path, resume: bool = False, echo=print) -> dict:
     """Submit a fedfm run (``config``: the resolved RunConfig as JSON data) to ``home``'s SuperLink. The
     ServerApp writes ``run_dir`` on the SuperLink's machine."""
-    import json
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fedfm-job-") as tmp:

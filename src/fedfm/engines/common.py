@@ -47,6 +47,14 @@ class Broadcast:
         return ClientTask(task.round, self.carry(task.weights), task.num_examples, task.prox_mu, config)
 
 
+def check_protocol(fn: str) -> None:
+    """``fn`` must be one of the client's protocol steps (App.PROTOCOL_FUNCTIONS), whatever carries it."""
+    from fedfm.app import PROTOCOL_FUNCTIONS
+
+    if fn not in PROTOCOL_FUNCTIONS:
+        raise ValueError(f"unknown client function {fn!r}; expected one of {', '.join(PROTOCOL_FUNCTIONS)}")
+
+
 def train_at_client(app, index: int, task: ClientTask) -> tuple[ClientUpdate, bytes] | None:
     """Run ``app.client_train`` as the client would: the update (its delta removed) and the message carrying the
     delta, or None when the client vanished."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedfm.engines.common import Broadcast, received, train_at_client
+from fedfm.engines.common import Broadcast, check_protocol, received, train_at_client
 from fedfm.errors import ClientDropout
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
@@ -49,10 +49,7 @@ class EmbeddedEngine:
 
         Returns the replies of the clients that answered, and the bytes sent down and up.
         """
-        from fedfm.app import PROTOCOL_FUNCTIONS
-
-        if fn not in PROTOCOL_FUNCTIONS:
-            raise ValueError(f"unknown client function {fn!r}; expected one of {', '.join(PROTOCOL_FUNCTIONS)}")
+        check_protocol(fn)
         replies, down, up = {}, 0, 0
         for index, payload in jobs:
             down += len(payload)

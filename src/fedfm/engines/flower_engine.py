@@ -26,6 +26,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -151,6 +152,7 @@ class FlowerEngine:
         # names the owners' private state for this run on their machines (kept in the run directory: a resumed run
         # finds the same state, a new run never reads another run's)
         self.state_key = uuid.uuid4().hex
+        self.key_kept = False  # whether the key was read from / written to the run directory yet
         self.roster: list[dict] = []  # every node that answered (or failed to): shown in the run directory
         self.wire_bytes = {"down": 0, "up": 0}  # what the Flower records held (the engine-independent counts are kept)
         self.node_seconds: list[dict] = []  # per training reply: the ClientApp's App loading and training time
@@ -259,33 +261,39 @@ class FlowerEngine:
         from fedfm.rundir import atomic_write_text
 
         clients = getattr(self.app, "client_states", None)
-        if clients is None:
+        if clients is None or self.key_kept:
             return
         path = Path(clients.dir).parent / "flower.json"
         if path.is_file():
             self.state_key = json.loads(path.read_text())["state_key"]
         elif path.parent.is_dir():
             atomic_write_text(path, json.dumps({"state_key": self.state_key}))
+        self.key_kept = path.is_file()
 
     def train(
         self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
     ) -> tuple[list[ClientUpdate], int]:
         from fedfm import codec
         from fedfm.compression import cast_broadcast
-        from fedfm.engines.common import Broadcast, received
+        from fedfm.engines.common import Broadcast
 
         self.remember_state_key()
-        down = Broadcast(self.app)
+        down, cast = Broadcast(self.app), {}
+
+        def sent(tensors: Weights) -> Weights:
+            """``tensors`` in the downlink precision, once per distinct dict; its bytes counted per receiver."""
+            down.message(tensors)
+            if id(tensors) not in cast:
+                cast[id(tensors)] = cast_broadcast(tensors, down.precision)
+            return cast[id(tensors)]
+
         messages = []
         for index, task in jobs:
-            down.message(task.weights)  # counted per receiver, as on every engine
-            control = None
-            if "control" in task.config:
-                down.message(task.config["control"])
-                control = cast_broadcast(task.config["control"], down.precision)
+            weights = sent(task.weights)
+            control = sent(task.config["control"]) if "control" in task.config else None
             if index not in self.nodes:
                 continue  # no SuperNode serves this owner: it vanished before the round
-            content = task_content(task, index, cast_broadcast(task.weights, down.precision), control)
+            content = task_content(task, index, weights, control)
             self.wire_bytes["down"] += payload_bytes(content)
             messages.append((index, self._message(index, content, "train")))
         replies = self._exchange(messages)
@@ -304,7 +312,8 @@ class FlowerEngine:
                 update.client = self.app.shards[index].name
                 if "client_index" in update.metrics:
                     update.metrics["client_index"] = index
-                updates.append(received(update, codec.encode(delta)))
+                # bytes_up: the length of the same serialized message every engine counts
+                updates.append(replace(update, delta=delta, bytes_up=len(codec.encode(delta))))
                 if on_done:
                     on_done(updates[-1])
         return updates, down.bytes
@@ -312,10 +321,9 @@ class FlowerEngine:
     def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
         from flwr.app import ConfigRecord, RecordDict
 
-        from fedfm.app import PROTOCOL_FUNCTIONS
+        from fedfm.engines.common import check_protocol
 
-        if fn not in PROTOCOL_FUNCTIONS:
-            raise ValueError(f"unknown client function {fn!r}; expected one of {', '.join(PROTOCOL_FUNCTIONS)}")
+        check_protocol(fn)
         self.remember_state_key()
         messages = [(i, self._message(i, RecordDict({"call": ConfigRecord({"fn": fn, "index": i, "payload": bytes(p)})}),
                                       "query.call")) for i, p in jobs if i in self.nodes]
@@ -330,8 +338,8 @@ class FlowerEngine:
     def evaluate(self, jobs: list[tuple[int, Weights]]) -> list[dict[str, float]]:
         from flwr.app import RecordDict
 
-        messages = [(i, self._message(i, RecordDict({"weights": to_record(w), "index": _index_record(i)}), "evaluate"))
-                    for i, w in jobs if i in self.nodes]
+        messages = [(i, self._message(i, RecordDict({"weights": to_record(w)}), "evaluate")) for i, w in jobs
+                    if i in self.nodes]
         replies, out = self._exchange(messages), []
         for i, _ in jobs:
             try:
@@ -343,12 +351,6 @@ class FlowerEngine:
         if missing:
             log.warning("no final evaluation from %s (left out of own_mean)", ", ".join(missing))
         return out
-
-
-def _index_record(index: int):
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord({"index": index})
 
 
 # --- the Flower apps ------------------------------------------------------------------------------------
@@ -505,27 +507,25 @@ def make_client_app():
 
     @client_app.train()
     def train(msg: Message, context) -> Message:
-        from fedfm import codec
-        from fedfm.engines.common import train_at_client
+        from fedfm.errors import ClientDropout
 
         app = _owner_app(context)
         _use_state(app, context, msg)
         index, task = task_from_content(msg.content)
         check_index(app, index)
         t0 = time.perf_counter()
-        with _SecAggState(app):  # a masked update needs this round's secure-aggregation keys
-            sent = train_at_client(app, index, task)
-        if sent is None:
-            raise FedFMError(f"owner {index} left the round")
-        update, message = sent
+        try:
+            with _SecAggState(app):  # a masked update needs this round's secure-aggregation keys
+                update = app.client_train(index, task)
+        except ClientDropout as exc:
+            raise FedFMError(f"owner {index} left the round: {exc}") from None
         update.metrics.update(node_setup_s=app.setup_s, node_train_s=time.perf_counter() - t0)
-
-        return Message(update_content(update, codec.decode(message)), reply_to=msg)
+        return Message(update_content(update, update.delta), reply_to=msg)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context) -> Message:
         app = _owner_app(context)
-        index = int(msg.content.config_records["index"]["index"])
+        index = int(msg.content.config_records["fedfm"]["index"])
         check_index(app, index)
         weights = {k: v.float() for k, v in from_record(msg.content.array_records["weights"]).items()}
         metrics = app.client_evaluate(index, weights)

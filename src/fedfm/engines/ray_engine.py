@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import replace
 
-from fedfm.engines.common import Broadcast, received, train_at_client
+from fedfm.engines.common import Broadcast, check_protocol, received, train_at_client
 from fedfm.errors import ClientDropout, FedFMError
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
@@ -165,10 +165,7 @@ class RayEngine:
         return [received(*res) for res in results if res is not None], down.bytes
 
     def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
-        from fedfm.app import PROTOCOL_FUNCTIONS
-
-        if fn not in PROTOCOL_FUNCTIONS:
-            raise ValueError(f"unknown client function {fn!r}; expected one of {', '.join(PROTOCOL_FUNCTIONS)}")
+        check_protocol(fn)
         context = self._context()
         refs = [self._actor(i).call.remote(context, fn, i, bytes(p)) for i, p in jobs]
         replies = {i: r for (i, _), r in zip(jobs, self._gather(refs)) if r is not None}
