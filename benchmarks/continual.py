@@ -38,6 +38,8 @@ VARIANTS = {
     "replay (32/owner)": ["continual.method=replay", "continual.replay_size=32"],
     "ewc (1e4)": ["continual.method=ewc", "continual.penalty=1e4"],
     "l2sp (3)": ["continual.method=l2sp", "continual.penalty=3"],
+    # merge settings: the best ACC of a sweep on seed 0 (results/continual_merge_tuning.md)
+    "merge (mean, from the merged model)": ["continual.method=merge", "continual.merge=mean", "continual.stage_start=merged"],
 }
 
 

@@ -311,3 +311,32 @@ def test_train_is_deterministic_given_seed():
     assert a.metrics == b.metrics
     c = run(seed=12, client_index=2)  # a different seed shuffles differently
     assert any(not torch.equal(a.delta[k], c.delta[k]) for k in a.delta)
+
+
+def test_kept_optimizer_state_makes_two_rounds_one_continuous_adamw_run():
+    """train.keep_optimizer_state: two rounds of 3 steps, the second starting from the first's weights and AdamW
+    state, are one AdamW run of 6 steps over the same batches (the reference is torch's own AdamW, stepped by hand).
+    Without the state the second round restarts AdamW (bias correction from step 1) and ends elsewhere."""
+    data, c = make_data(12), cfg(local_steps=3, weight_decay=0.01)
+    model = make_model()
+    first = train(model, data, RegressionTask(), ClientTask(1, init_weights()), c, 2, 5, 1, "a", optimizer_state={})
+    assert set(first.optimizer) == {f"{p}.{k}" for p in ("m", "v", "step") for k in ("weight", "bias")}
+    assert first.optimizer["step.bias"].item() == 3
+    w1 = {k: init_weights()[k] + d for k, d in first.delta.items()}
+    second = train(model, data, RegressionTask(), ClientTask(2, w1), c, 2, 5, 1, "a", optimizer_state=first.optimizer)
+    fresh = train(model, data, RegressionTask(), ClientTask(2, w1), c, 2, 5, 1, "a")
+    assert second.optimizer["step.weight"].item() == 6 and fresh.optimizer is None
+
+    ref = make_model()
+    with torch.no_grad():
+        for k, p in ref.named_parameters():
+            p.copy_(init_weights()[k])
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.01)
+    for r in (1, 2):
+        for idx in batch_order(12, 12, 4, torch.Generator().manual_seed(derive_seed(5, r, 1)))[:3]:
+            RegressionTask.loss(ref, RegressionTask.batch(data, idx)).backward()
+            opt.step()
+            opt.zero_grad()
+    for k, p in ref.named_parameters():
+        assert torch.allclose(w1[k] + second.delta[k], p.detach(), atol=1e-7)
+        assert not torch.allclose(w1[k] + fresh.delta[k], p.detach(), atol=1e-4)

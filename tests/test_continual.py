@@ -19,8 +19,12 @@ from fedfm.config import TrainConfig
 from fedfm.continual import (
     ANCHOR,
     PRECISION,
+    MERGED,
+    MERGED_COUNT,
+    ContinualRun,
     Curriculum,
     diagonal_fisher,
+    merge_task_vector,
     reservoir,
     stage_ends,
     stage_of,
@@ -54,6 +58,25 @@ def test_stage_is_a_pure_function_of_the_round():
     assert [stage_of(r, ends) for r in range(1, 10)] == [0, 0, 0, 1, 1, 2, 2, 2, 2]
     with pytest.raises(ValueError):
         stage_of(10, ends)
+
+
+def test_merge_task_vector_mean_and_magmax_by_hand():
+    t1 = {"w": torch.tensor([1.0, -4.0, 0.5])}
+    t2 = {"w": torch.tensor([-3.0, 2.0, 0.5])}
+    t3 = {"w": torch.tensor([2.0, 1.0, -6.0])}
+    mean = merge_task_vector(None, 0, t1, "mean")
+    mean = merge_task_vector(mean, 1, t2, "mean")
+    mean = merge_task_vector(mean, 2, t3, "mean")
+    # (1 - 3 + 2) / 3 = 0, (-4 + 2 + 1) / 3 = -1/3, (0.5 + 0.5 - 6) / 3 = -5/3
+    assert torch.allclose(mean["w"], torch.tensor([0.0, -1 / 3, -5 / 3]))
+    mag = merge_task_vector(None, 0, t1, "magmax")
+    mag = merge_task_vector(mag, 1, t2, "magmax")
+    mag = merge_task_vector(mag, 2, t3, "magmax")
+    # per entry the largest |value|: -3 (stage 2), -4 (stage 1), -6 (stage 3)
+    assert torch.equal(mag["w"], torch.tensor([-3.0, -4.0, -6.0]))
+    assert torch.equal(merge_task_vector(None, 0, t1, "magmax")["w"], t1["w"])  # the first stage is its own merge
+    with pytest.raises(ValueError):
+        merge_task_vector(t1, 1, t2, "max")
 
 
 def test_reservoir_never_exceeds_its_bound_and_samples_uniformly():
@@ -196,6 +219,45 @@ def test_each_method_runs_end_to_end(app, tmp_path, method):
     if method == "replay":
         mem = summary["continual"]["replay"]
         assert 0 < mem["examples_max_per_owner"] <= 6 and mem["examples_total"] <= 3 * 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how,start", [("mean", "fresh"), ("magmax", "merged")])
+def test_merge_serves_the_merge_of_the_stages_adapters(app, tmp_path, monkeypatch, how, start):
+    """An adapter per stage, merged at each stage end: the run's final model is the initial tensors plus the merge of
+    the three stages' task vectors (trained minus initial tensors), computed here directly: their mean, or per entry
+    the value of largest magnitude (torch.argmax keeps the first, i.e. earliest, of ties, as fedfm does)."""
+    seen = []
+    merge_stage = ContinualRun.merge_stage
+
+    def spy(self, s, st, trained=True):
+        seen.append((s, {k: v.clone() for k, v in st.weights.items()}))
+        out = merge_stage(self, s, st, trained)
+        init = self.app.initial_weights
+        if s < 2 and start == "fresh":  # the next stage starts from the initial adapter
+            assert all(torch.equal(out.weights[k], v) for k, v in init.items())
+        if start == "merged":  # ... or from the merged model
+            assert all(torch.equal(out.weights[k], init[k] + out.opt[MERGED + k]) for k in init)
+        return out
+
+    monkeypatch.setattr(ContinualRun, "merge_stage", spy)
+    summary, out = run(app, tmp_path, "merge", "federated", f"continual.merge={how}", f"continual.stage_start={start}")
+    check_run(summary, out, "merge")
+    assert [s for s, _ in seen] == [0, 1, 2]
+    init = app.initial_weights
+    expected = {}
+    for k in init:
+        taus = torch.stack([w[k] - init[k] for _, w in seen])
+        if how == "mean":
+            expected[k] = init[k] + taus.mean(0)
+        else:
+            expected[k] = init[k] + taus.gather(0, taus.abs().argmax(0, keepdim=True))[0]
+    state = final_state(out)
+    assert int(state["opt/" + MERGED_COUNT].item()) == 3
+    for k, v in expected.items():
+        assert torch.allclose(state["w/" + k], v, atol=1e-6)
+        assert torch.allclose(state["opt/" + MERGED + k], v - init[k], atol=1e-6)
+    assert summary["continual"]["merge"] == how and summary["continual"]["stage_start"] == start
 
 
 @pytest.mark.slow

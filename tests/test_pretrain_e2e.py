@@ -70,8 +70,9 @@ def test_pretraining_from_scratch_perplexity_falls(tmp_path):
 
 
 def test_pretraining_resume_is_bitwise_identical(tmp_path, power_cut_in_round_2):
-    # DiLoCo momentum, the trained BPE tokenizer and Algorithm 2's server step must all survive a crash
-    extra = ["rounds=2", "server_data.fraction=0.1", "server_data.steps=2"]
+    # DiLoCo momentum, the trained BPE tokenizer, Algorithm 2's server step and the owners' kept AdamW states must
+    # all survive a crash
+    extra = ["rounds=2", "server_data.fraction=0.1", "server_data.steps=2", "train.keep_optimizer_state=true"]
     cfg = config_mod.load(None, [*LM, *extra, f"output_dir={tmp_path}", "name=b"])
     with pytest.raises(RuntimeError):
         server.run(cfg)
@@ -87,6 +88,12 @@ def test_pretraining_resume_is_bitwise_identical(tmp_path, power_cut_in_round_2)
     a, b = last(full), last(half)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sum(k.startswith("opt/v.") for k in a) * 2 == len(a)  # DiLoCo's momentum buffer: one per weight
+    summary = json.loads((half / "summary.json").read_text())
+    assert summary["client_states"]["clients"] == 4  # 3 owners and the server's own participant kept their AdamW
+    # and the kept state matters: the same run with a fresh AdamW each round ends elsewhere
+    fresh = server.run(config_mod.load(None, [*LM, *extra[:-1], f"output_dir={tmp_path}", "name=c"]))
+    c = last(fresh)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("w/"))
 
 
 def test_compare_centralized_synchronous_and_local(tmp_path):

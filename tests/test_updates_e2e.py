@@ -60,8 +60,8 @@ def test_non_finite_update_under_compression_is_rejected_not_fatal(tmp_path, mon
     app = App(cfg)
     honest = App._train
 
-    def exploding(self, index, task, control):
-        update = honest(self, index, task, control)
+    def exploding(self, index, task, *rest):
+        update = honest(self, index, task, *rest)
         if index == 0 and task.round == 1:  # client_0's training blew up in round 1
             name = next(iter(update.delta))
             update.delta[name] = torch.full_like(update.delta[name], float("inf"))

@@ -235,7 +235,8 @@ class App:
         # what a real client sends is compressed / attacked; the baselines and the server's own data send nothing
         sends = self.uplink and index < len(self.split.client_names)
         codec = self.codec if sends else None
-        stateful = "control" in task.config or (codec is not None and self.cfg.compression.error_feedback)
+        keep_opt = self.cfg.train.keep_optimizer_state
+        stateful = "control" in task.config or (codec is not None and self.cfg.compression.error_feedback) or keep_opt
         state = (self.client_states.get(name, task.round) if stateful and self.client_states else None) or {}
         rank = self.client_rank(index)
         hooks = []
@@ -246,12 +247,16 @@ class App:
         if "control" in task.config:
             c = task.config["control"]
             control = (c, {k: state.get(f"c.{k}", torch.zeros_like(v)) for k, v in c.items()})
+        opt_state = {k[5:]: v for k, v in state.items() if k.startswith("adam.")} if keep_opt else None
         try:
-            update = self._train(index, task, control)
+            update = self._train(index, task, control, opt_state)
         finally:
             for h in hooks:
                 h.remove()
         new_state: Weights = {}
+        if update.optimizer is not None:  # train.keep_optimizer_state: AdamW's moments stay with the client
+            new_state.update({f"adam.{k}": v for k, v in update.optimizer.items()})
+            update.optimizer = None
         if control is not None:
             new_c = update.control
             update.delta.update({CONTROL + k: new_c[k] - control[1][k] for k in new_c})
@@ -268,20 +273,24 @@ class App:
         if rank is not None:
             update = replace(update, delta=pack_rank(update.delta, self.lora_pairs, rank))
         # a non-finite update is sent as it is (the server rejects it with the reason): no residual is kept from it
-        if codec is not None and all(bool(torch.isfinite(v).all()) for v in update.delta.values()):
+        finite = all(bool(torch.isfinite(v).all()) for v in update.delta.values())
+        if codec is not None and finite:
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, task.round, index, 0xC0D))
             residual = {k[3:]: v for k, v in state.items() if k.startswith("ef.")} or None
             message, residual = with_feedback(codec, update.delta, residual, gen)
             if self.cfg.compression.error_feedback:
                 new_state.update({f"ef.{k}": v for k, v in residual.items()})
             update = replace(update, delta=message)
-        if new_state and self.client_states is not None:
-            self.client_states.put(name, task.round, new_state)
+        # nothing from a non-finite round is kept (the previous state stays in force); what this round did not
+        # refresh carries over
+        finite = finite and all(bool(torch.isfinite(v).all()) for v in new_state.values())
+        if new_state and finite and self.client_states is not None:
+            self.client_states.put(name, task.round, {**state, **new_state})
         if "private" in task.config:
             update = self._privatize(index, task, update)
         return update
 
-    def _train(self, index: int, task: ClientTask, control) -> ClientUpdate:
+    def _train(self, index: int, task: ClientTask, control, optimizer_state: Weights | None = None) -> ClientUpdate:
         shard = self.shards[index]
         offset = None
         if self.cfg.train.logit_adjustment and self.cfg.task == "classification":
@@ -291,7 +300,7 @@ class App:
         update = client_loop.train(
             self.model, self.continual.train_data(index, task.round) if self.continual else shard.train, self.task, task,
             self.cfg.train, self.cfg.rounds, self.cfg.seed, index, shard.name,
-            offset, self.cfg.dpsgd, control,
+            offset, self.cfg.dpsgd, control, optimizer_state,
         )
         return update
 

@@ -16,7 +16,7 @@ import torch
 from fedfm.config import TrainConfig
 from fedfm.errors import TrainingError
 from fedfm.models import set_weights, trainable_params
-from fedfm.types import ClientTask, ClientUpdate
+from fedfm.types import ClientTask, ClientUpdate, Weights
 
 
 def derive_seed(*parts: int) -> int:
@@ -69,6 +69,7 @@ def train(
     logit_offset: torch.Tensor | None = None,
     dpsgd=None,
     control: tuple[dict, dict] | None = None,
+    optimizer_state: Weights | None = None,
 ) -> ClientUpdate:
     """Run one round of local training and return the update of the trainable tensors.
 
@@ -76,6 +77,9 @@ def train(
     descends along g - c_i + c, and the update's ``control`` holds the mean raw gradient of the round, the client's
     next c_i (the paper's option II, c_i+ = c_i - c + (x - y) / (K lr), reduces to exactly this under plain SGD; the
     mean gradient keeps that meaning under AdamW and a schedule).
+
+    ``optimizer_state`` (train.keep_optimizer_state): the AdamW state this client saved at the end of its last
+    round ({} = none yet); the update's ``optimizer`` holds the state to keep for the next one.
     """
     n = len(data)
     if n == 0:
@@ -88,7 +92,10 @@ def train(
     batch_size = ctask.config.get("batch_size") or cfg.batch_size
     batches = batch_order(n, budget, batch_size, torch.Generator().manual_seed(s))
 
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    adam = opt  # DP-SGD wraps it below; the moments live in AdamW itself
+    if optimizer_state:
+        load_adamw_state(adam, params, optimizer_state)
     private = None
     if dpsgd is not None and dpsgd.enabled:  # example-level DP-SGD (Opacus): per-example clipping and noise
         from fedfm.privacy.dpsgd import DPSGD, poisson_batches
@@ -108,7 +115,31 @@ def train(
     metrics = {"train_loss": float(loss_sum) / len(batches), "steps": len(batches), "examples_seen": budget, "lr": lr}
     if private is not None:
         metrics["dpsgd_q"] = min(1.0, batch_size / n)
-    return ClientUpdate(client=client_name, delta=delta, num_examples=n, metrics=metrics, control=grad_mean)
+    kept = adamw_state(adam, params) if optimizer_state is not None else None
+    return ClientUpdate(client=client_name, delta=delta, num_examples=n, metrics=metrics, control=grad_mean, optimizer=kept)
+
+
+def adamw_state(opt: torch.optim.AdamW, params: dict[str, torch.Tensor]) -> Weights:
+    """AdamW's per-tensor state as flat named tensors (``m.``, ``v.`` and ``step.`` + tensor name), to save with the
+    client's private state; tensors that took no step have none."""
+    out: Weights = {}
+    for name, p in params.items():
+        st = opt.state.get(p)
+        if st:
+            out[f"m.{name}"], out[f"v.{name}"] = st["exp_avg"].detach().clone(), st["exp_avg_sq"].detach().clone()
+            out[f"step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
+    return out
+
+
+def load_adamw_state(opt: torch.optim.AdamW, params: dict[str, torch.Tensor], state: Weights) -> None:
+    """Give a fresh AdamW the moments and step counts of :func:`adamw_state` (a tensor whose shape changed starts
+    afresh)."""
+    for name, p in params.items():
+        m, v, step = state.get(f"m.{name}"), state.get(f"v.{name}"), state.get(f"step.{name}")
+        if m is None or v is None or step is None or m.shape != p.shape or v.shape != p.shape:
+            continue
+        opt.state[p] = {"step": torch.tensor(float(step.item())), "exp_avg": m.clone().to(p.dtype),
+                        "exp_avg_sq": v.clone().to(p.dtype)}
 
 
 def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private, control=None):

@@ -145,11 +145,28 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1, description="Local mini-batch size.")
     lr: float = Field(5e-4, gt=0, description="Peak client learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999),
+        description="AdamW's (beta1, beta2); language-model pre-training usually takes (0.9, 0.95) (nanoGPT, litgpt).",
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (None = off).")
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "cosine", description="LR schedule over the whole run (continues across rounds)."
     )
     warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the run spent in linear warm-up.")
+    keep_optimizer_state: bool = Field(
+        False,
+        description="Each client keeps its AdamW moments and step count from one round to the next (on its own "
+        "machine, with its other private state) instead of starting a fresh AdamW every round, as DiLoCo's workers "
+        "do (Douillard et al. 2023). The state stays at the client and is never sent.",
+    )
     logit_adjustment: bool = Field(
         False,
         description="Classification under label skew: each client trains on logits + log p_client(y) - log p_global(y) "
@@ -502,11 +519,26 @@ class ContinualConfig(Section):
         "[politics], clients: [0, 1, 2]}]; every stage gives labels, or every stage gives keys ([] = off). "
         "rounds defaults to their sum.",
     )
-    method: Literal["naive", "replay", "ewc", "l2sp"] = Field(
+    method: Literal["naive", "replay", "ewc", "l2sp", "merge"] = Field(
         "naive",
         description="'naive': train each stage on its data only; 'replay': each owner also trains on a private "
         "bounded buffer of its earlier examples; 'ewc': clients add penalty/2 * sum F (w - w*)^2, F the federated "
-        "diagonal Fisher accumulated over stages, w* the global model at the last stage end; 'l2sp': the same with F = 1.",
+        "diagonal Fisher accumulated over stages, w* the global model at the last stage end; 'l2sp': the same with F = 1; "
+        "'merge': an adapter per stage, merged at the server (see merge and stage_start).",
+    )
+    merge: Literal["mean", "magmax"] = Field(
+        "mean",
+        description="merge: how the stages' task vectors (each stage's trained tensors minus the initial ones) are "
+        "merged into the served model: 'mean' (their average, task arithmetic with weight 1/stages) or 'magmax' (per "
+        "entry, the stage's value of largest magnitude; Marczak et al. 2024). Under LoRA the A and B factors are "
+        "merged entry by entry, an approximation of merging the products B A.",
+    )
+    stage_start: Literal["merged", "previous", "fresh"] = Field(
+        "merged",
+        description="merge: what each new stage's adapter starts from: 'merged' (the merged model, which is also the "
+        "global model between stages; under 'mean' stage s's own change then enters with weight 1/s, a running "
+        "average of the stage models), 'previous' (the last stage's trained adapter, sequential fine-tuning as in "
+        "MagMax) or 'fresh' (the initial adapter: stages trained independently).",
     )
     replay_size: int = Field(32, ge=1, description="replay: examples kept in each owner's buffer (reservoir sampling).")
     penalty: float | None = Field(
@@ -730,6 +762,13 @@ class RunConfig(Section):
             raise ValueError(
                 f"continual.method={c.method} needs continual.penalty (its scale depends on the model and method: "
                 "configs/continual_bbc.yaml uses 1e4 for ewc, 3 for l2sp)"
+            )
+        if c.method == "merge" and c.stage_start == "fresh" and (
+            self.strategy.name in ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "diloco") or self.train.keep_optimizer_state
+        ):
+            raise ValueError(
+                f"continual.stage_start=fresh with {'train.keep_optimizer_state' if self.train.keep_optimizer_state else 'strategy.name=' + self.strategy.name}: "
+                "optimizer state from the last stage would push the fresh adapter; use fedavg/fedprox, or stage_start=merged"
             )
         if self.server_data.active:
             raise ValueError("continual.stages with server_data: the server's data has no stage schedule; unset server_data")

@@ -18,6 +18,11 @@ evaluated on every stage's test set (a row of the accuracy matrix), and for ``ew
 precision for the next stages are set; the anchor and precision are sent once to each owner of the next stage,
 and those bytes, like the Fisher exchange, are counted in the round's bytes.
 
+Under ``merge`` each stage trains its own adapter (from the last stage's adapter, the merged model or the
+initial one: ``continual.stage_start``); at each stage end the server folds the stage's task vector (trained minus
+initial tensors) into a merged one (mean or MagMax) and serves the initial tensors plus the merge: the matrix
+row is the merged model's, and after the last stage the run's model is the merged one.
+
 Metrics (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory"): the accuracy matrix R[i][j] (after stage i,
 on stage j's test set), ACC, backward transfer (BWT, negative = forgetting) and forward transfer (FWT).
 """
@@ -46,6 +51,7 @@ log = logging.getLogger("fedfm")
 
 PREFIX = "cl."  # ServerState.opt keys owned by continual learning (stripped before the strategy sees the state)
 ANCHOR, PRECISION = "cl.anchor.", "cl.precision."
+MERGED, MERGED_COUNT = "cl.merged.", "cl.merged_count"  # merge: the merged task vector and how many stages it holds
 ROUND_KEY, EXAMPLES_KEY = "cl.round", "cl.examples"  # scalars riding in the Fisher request / reply messages
 FISHER_FUNCTION = "continual_fisher"  # the App's client function, run through engine.call
 
@@ -85,6 +91,24 @@ def transfer_metrics(matrix: Sequence[Sequence[float]], initial: Sequence[float]
         "bwt": float(np.mean(r[-1, :-1] - np.diag(r)[:-1])),
         "fwt": float(np.mean([r[j - 1, j] - b[j] for j in range(1, t)])),
     }
+
+
+def merge_task_vector(merged: Weights | None, count: int, tau: Weights, how: str) -> Weights:
+    """Fold one stage's task vector ``tau`` (its trained tensors minus the initial ones) into the merge of the
+    ``count`` stages before it.
+
+    'mean' is task arithmetic with equal weights (Ilharco et al. 2023), kept as a running mean;
+    'magmax' keeps, entry by entry, the value of largest magnitude over the stages (Marczak et al. 2024,
+    "MagMax: Leveraging Model Merging for Seamless Continual Learning"); a tie keeps the earlier stage's value.
+    Both are associative, so the server keeps one merged tensor per trainable tensor, not one per stage.
+    """
+    if merged is None or count == 0:
+        return {k: v.clone() for k, v in tau.items()}
+    if how == "mean":
+        return {k: merged[k] + (tau[k] - merged[k]) / (count + 1) for k in tau}
+    if how == "magmax":
+        return {k: torch.where(tau[k].abs() > merged[k].abs(), tau[k], merged[k]) for k in tau}
+    raise ValueError(f"unknown merge {how!r}; valid: mean, magmax")
 
 
 def reservoir(chunks: Iterable[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
@@ -377,6 +401,10 @@ class ContinualRun:
         rows = []
         for g, group in enumerate(groups):
             st = states[g]
+            if self.cfg.method == "merge":
+                st = states[g] = self.merge_stage(s, st, trained=bool(group.members))
+                rows.append(self.evaluate(self.served(st)))
+                continue
             rows.append(self.evaluate(st.weights))
             if s == self.cur.num_stages - 1 or self.cfg.method not in ("ewc", "l2sp"):
                 continue
@@ -391,6 +419,38 @@ class ContinualRun:
                     cl[PRECISION + k] = cl[PRECISION + k] + f if PRECISION + k in cl else f
             states[g] = ServerState(st.round, st.weights, {**own, **cl})
         return np.mean(rows, axis=0).tolist(), down, up
+
+    def served(self, st: ServerState) -> Weights:
+        """merge: the model a stage end serves, the initial tensors plus the merged task vector."""
+        init = self.app.initial_weights
+        return {k: init[k] + st.opt[MERGED + k] for k in st.weights}
+
+    def merge_stage(self, s: int, st: ServerState, trained: bool = True) -> ServerState:
+        """merge, at the end of stage ``s``: fold the stage's adapter into the merged task vector, and set the
+        weights the next stage starts from (continual.stage_start); after the last stage, the merged model.
+        A group that sat the stage out (``trained`` False: a local owner absent from it) folds nothing in.
+
+        The merge runs at the server on the stage's aggregated model, so it costs no communication; the server
+        keeps one extra copy of the trainable tensors (the merged task vector)."""
+        own, cl = strip(st.opt)
+        init = self.app.initial_weights
+        tau = {k: v - init[k] for k, v in st.weights.items()}
+        count = int(cl[MERGED_COUNT].item()) if MERGED_COUNT in cl else 0
+        prev = {k[len(MERGED):]: v for k, v in cl.items() if k.startswith(MERGED)} or None
+        if trained:
+            merged, count = merge_task_vector(prev, count, tau, self.cfg.merge), count + 1
+        else:
+            merged = prev or {k: torch.zeros_like(v) for k, v in tau.items()}
+        cl = {**cl, **{MERGED + k: v for k, v in merged.items()}, MERGED_COUNT: torch.tensor([count])}
+        opt = {**own, **cl}
+        served = {k: init[k] + merged[k] for k in st.weights}
+        if s == self.cur.num_stages - 1 or self.cfg.stage_start == "merged":
+            weights = served
+        elif self.cfg.stage_start == "fresh":
+            weights = {k: v.clone() for k, v in init.items()}
+        else:  # previous: the next stage continues from this stage's own adapter
+            weights = st.weights
+        return ServerState(st.round, weights, opt)
 
     def federated_fisher(self, round_: int, weights: Weights, members: list[int], engine) -> tuple[Weights, int, int]:
         """Each owner's Fisher at the stage-end global model, averaged with example weights (bytes down, up)."""
@@ -435,4 +495,6 @@ class ContinualRun:
             out["replay"] = self.cur.replay_memory()
         if self.cfg.method in ("ewc", "l2sp"):
             out["penalty"] = self.cfg.penalty
+        if self.cfg.method == "merge":
+            out["merge"], out["stage_start"] = self.cfg.merge, self.cfg.stage_start
         return out

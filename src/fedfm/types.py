@@ -32,6 +32,7 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     control: Weights | None = None  # SCAFFOLD: the client's new control variate (kept at the client, never sent)
+    optimizer: Weights | None = None  # train.keep_optimizer_state: the client's AdamW state (kept at the client, never sent)
 
 
 @dataclass
