@@ -121,7 +121,9 @@ def train(
 
 def adamw_state(opt: torch.optim.AdamW, params: dict[str, torch.Tensor]) -> Weights:
     """AdamW's per-tensor state as flat named tensors (``m.``, ``v.`` and ``step.`` + tensor name), to save with the
-    client's private state; tensors that took no step have none."""
+    client's private state; tensors that took no step have none. Written by hand because torch's ``state_dict()``
+    keys the state by parameter position in nested dicts, while the client's state store holds flat named tensors
+    (safetensors) that must survive a change in which tensors train."""
     out: Weights = {}
     for name, p in params.items():
         st = opt.state.get(p)
