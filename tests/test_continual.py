@@ -310,6 +310,25 @@ def test_baselines_follow_the_stage_schedule(app, tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_local_owners_merge_only_the_stages_they_trained(app, tmp_path):
+    """The local baseline under merge: client_2 sits stage 1 out and client_0 stage 3, so each folds 2 stage adapters
+    into its merge, client_1 all 3; an owner's final model is the initial tensors plus its own merge."""
+    summary, out = run(app, tmp_path, "merge", "local")
+    assert np.shape(summary["continual"]["matrix"]) == (3, 3)
+    from safetensors.torch import load_file
+
+    ck = out / "checkpoints"
+    last = ck / (ck / "LATEST").read_text().strip()
+    init = app.initial_weights
+    counts = []
+    for g in range(3):
+        state = load_file(last / f"state-g{g}.safetensors")
+        counts.append(int(state["opt/" + MERGED_COUNT].item()))
+        assert all(torch.allclose(state["w/" + k], init[k] + state["opt/" + MERGED + k], atol=1e-6) for k in init)
+    assert counts == [2, 3, 2]
+
+
 # --------------------------------------------------------------------------- bad stage specs
 
 
