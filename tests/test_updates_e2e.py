@@ -55,6 +55,27 @@ def test_compressed_run_sends_exact_small_messages_and_resumes_bitwise(tmp_path,
     assert not (full / "clients").exists()  # the simulated clients' private states are removed at the end
 
 
+def test_error_feedback_and_kept_adamw_state_share_each_clients_file(tmp_path, monkeypatch):
+    """Two kinds of private client state in one file per client and round: the error-feedback residual and the kept
+    AdamW state; both are written every round, and the AdamW step count continues (round 2 = twice round 1)."""
+    from fedfm.store import ClientStates
+
+    saved = []
+    put = ClientStates.put
+
+    def spy(self, client, round_, state):
+        saved.append((client, round_, dict(state)))
+        put(self, client, round_, state)
+
+    monkeypatch.setattr(ClientStates, "put", spy)
+    server.run(tiny(tmp_path, "rounds=2", "compression.up=[topk,int8]", "train.keep_optimizer_state=true"))
+    assert sorted((c, r) for c, r, _ in saved) == [(f"client_{i}", r) for i in range(3) for r in (1, 2)]
+    for _, _, state in saved:
+        assert {k.split(".")[0] for k in state} == {"ef", "adam"}
+    steps = {(c, r): next(v.item() for k, v in st.items() if k.startswith("adam.step.")) for c, r, st in saved}
+    assert all(steps[(f"client_{i}", 2)] == 2 * steps[(f"client_{i}", 1)] > 0 for i in range(3))
+
+
 def test_non_finite_update_under_compression_is_rejected_not_fatal(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, "rounds=2", "train.local_steps=1", "compression.up=[sign]")
     app = App(cfg)
