@@ -7,14 +7,14 @@ from typing import get_args
 
 from fedfm.config import AttackConfig, DataConfig, PeftSection, Stage
 from fedfm.engines import ENGINES
+from fedfm.models import PACKAGED_MODELS
+from fedfm.strategies import STRATEGIES
 
 ENGINE_DOCS = {
     "embedded": "in-process, one client after another on one shared base model (default)",
     "ray": "clients in parallel on Ray actors (engine.workers), this machine or a cluster (engine.address)",
     "flower": "owners' Flower SuperNodes behind a SuperLink: fedfm run --engine flower --federation HOST:PORT",
 }
-from fedfm.models import PACKAGED_MODELS
-from fedfm.strategies import STRATEGIES
 
 
 def _choices(model, field: str) -> list[str]:

@@ -527,9 +527,9 @@ class Runner:
                 samples.append({"group": group.name, "samples": app.task.samples(app.model, app.global_test, self.cfg.eval.samples)})
         if samples:  # generated answers of each final model, shown in the run report
             atomic_write_text(self.dir.path / "samples.json", json.dumps(samples, indent=1))
+        sizes = [self.shard_sizes(i) for i in range(n)]
         per_client = [
-            {"client": app.shards[i].name, "n_train": self.shard_sizes(i)[0], "n_test": self.shard_sizes(i)[1], "own": own[i],
-             "global": glob_each[i]}
+            {"client": app.shards[i].name, "n_train": sizes[i][0], "n_test": sizes[i][1], "own": own[i], "global": glob_each[i]}
             for i in range(n)
         ]
         metrics = self.dir.metrics()
