@@ -6,6 +6,7 @@ Reference: the embedded engine (itself checked by hand-worked strategy tests and
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ from fedfm.owner import export_owners, load_owner
 from test_e2e import final_state, tiny
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def in_a_server_app(monkeypatch):
+    """The task identity Flower sets in a ServerApp's process: messages can be built outside a run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -113,9 +123,44 @@ def test_flower_records_round_trip_tasks_and_updates_exactly():
     assert all(torch.equal(p.precision[k], penalty.precision[k]) for k in w)
     _, none = task_from_content(task_content(ClientTask(1, w), 0, w, None))
     assert none.num_examples is None and none.config == {}
-    u, delta = update_from_content(update_content(ClientUpdate("client_4", {}, 33.0, {"train_loss": 1.25}), mixed))
-    assert (u.client, u.num_examples, u.metrics) == ("client_4", 33.0, {"train_loss": 1.25})
+    sent = {"train_loss": 1.25, "steps": 3, "examples_seen": 24, "lr": 0.003}
+    u, delta = update_from_content(update_content(ClientUpdate("client_4", {}, 33.0, sent), mixed))
+    assert (u.client, u.num_examples, u.metrics) == ("client_4", 33.0, sent)
     assert all(torch.equal(delta[k], v) for k, v in mixed.items())
+    # a node's reply is checked before the round record reads it: a dict of finite numbers with the public counters
+    for metrics, why in [(["x"], "not a dict"), ({**sent, "lr": None}, "not finite numbers"),
+                         ({**sent, "train_loss": float("nan")}, "not finite numbers"),
+                         ({"train_loss": 1.0}, "missing"), ({**sent, "steps": True}, "not finite numbers")]:
+        with pytest.raises(ValueError, match=why):
+            update_from_content(update_content(ClientUpdate("client_4", {}, 33.0, metrics), mixed))
+    u, delta = update_from_content(update_content(ClientUpdate("client_4", {}, float("nan"), sent), w))
+    assert "num_examples" in server.validate(replace(u, delta=delta), w)  # a NaN count decodes; the screen rejects it
+
+
+def test_flower_engine_sizes_a_natural_partition_from_its_split(in_a_server_app):
+    # federation.num_clients is null for natural partitions (one owner per Austen novel): the coordinator asks for
+    # as many owners as its split has, where `len(ids) < None` used to raise TypeError before the first round
+    from types import SimpleNamespace
+
+    from fedfm import config as config_mod
+    from fedfm.engines.flower_engine import FlowerEngine
+    from fedfm.errors import FedFMError
+
+    cfg = config_mod.load("configs/pretrain_austen.yaml", ["engine.name=flower", "engine.connect_s=0.1",
+                                                           "engine.timeout_s=0.1"])
+    assert cfg.federation.num_clients is None
+
+    class NoAnswer:  # one node connected, which never answers who it is
+        def get_node_ids(self):
+            return [7]
+
+        def send_and_receive(self, messages, timeout):
+            assert [m.content.config_records["hello"]["num_clients"] for m in messages] == [6]
+            return []
+
+    app = SimpleNamespace(cfg=cfg, split=SimpleNamespace(client_names=[f"novel-{i}" for i in range(6)]))
+    with pytest.raises(FedFMError, match="only 0 of 6 owners are reachable.*node 7: no reply"):
+        FlowerEngine(app, NoAnswer())
 
 
 def test_deploy_certificates_chain_and_node_keys_load_as_flower_expects(tmp_path):
@@ -161,6 +206,75 @@ def test_flower_engine_config_refuses_simulation_only_features(tmp_path):
         FlowerEngine(object())
 
 
+def test_flower_owner_whose_node_connects_late_joins_at_the_next_round(in_a_server_app):
+    # discovery used to run once, before round 1: an owner whose node came up later counted as vanished all run
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from fedfm import config as config_mod
+    from fedfm.engines.flower_engine import FlowerEngine
+
+    owner_of = {7: 0, 8: 1}  # node id -> the owner index it answers with
+
+    class Grid:
+        ids, asked = [7], []
+
+        def get_node_ids(self):
+            return list(self.ids)
+
+        def send_and_receive(self, messages, timeout):
+            replies = []
+            for m in messages:
+                node = m.metadata.dst_node_id
+                self.asked.append(node)
+                m.metadata.__dict__["_message_id"] = f"hello-{node}"  # what the SuperLink assigns on sending
+                info = {"index": owner_of[node], "name": f"novel-{owner_of[node]}", "n_train": 5, "n_test": 1}
+                replies.append(Message(RecordDict({"owner": ConfigRecord(info)}), reply_to=m))
+            return replies
+
+    cfg = config_mod.load("configs/pretrain_austen.yaml", ["engine.name=flower", "engine.connect_s=0.1",
+                                                           "federation.min_clients=1"])
+    grid = Grid()
+    engine = FlowerEngine(SimpleNamespace(cfg=cfg, split=SimpleNamespace(client_names=["a"] * 6)), grid)
+    assert engine.nodes == {0: 7} and engine.sizes == {0: (5, 1)}
+    grid.ids = [7, 8]  # owner 1's node connects after round 1 started
+    engine.discover_new()
+    engine.discover_new()  # nothing new: no node is asked twice
+    assert engine.nodes == {0: 7, 1: 8} and grid.asked == [7, 8]
+    assert [r["status"] for r in engine.roster] == ["ok", "ok"]
+
+
+def test_an_owners_private_state_folder_is_for_its_account_only(tmp_path):
+    # it holds the owner's distributed-DP noise secret and error-feedback residuals (0755 by the default umask)
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedfm.engines.flower_engine import _use_state
+
+    key = "ab" * 16
+    app = SimpleNamespace(client_states=None)
+    message = SimpleNamespace(content=RecordDict({"fedfm": ConfigRecord({"state-key": key})}))
+    _use_state(app, SimpleNamespace(node_config={"state-dir": str(tmp_path / "state")}), message)
+    assert app.client_states.dir == tmp_path / "state" / key
+    for d in (tmp_path / "state", tmp_path / "state" / key):
+        assert d.stat().st_mode & 0o777 == 0o700
+
+
+def test_resuming_a_baseline_on_flower_is_refused_by_its_saved_method(tmp_path):
+    # --method defaults to federated, and --resume takes no config: the saved run's method decides
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app as cli_app
+    from fedfm.rundir import RunDir
+
+    run = tmp_path / "central"
+    RunDir(run).create(tiny(tmp_path), "centralized")
+    res = CliRunner().invoke(cli_app, ["run", "--resume", str(run), "--engine", "flower", "--federation",
+                                       "127.0.0.1:9092", "--root-certificates", str(tmp_path / "ca.crt")])
+    assert res.exit_code == 2 and "run the centralized baseline on the embedded engine" in res.output, res.output
+
+
 def test_ray_local_cluster_listens_on_loopback_only(tmp_path):
     # the brief's rule for services a run starts; Ray on its own would listen on the machine's external address
     import psutil
@@ -168,10 +282,21 @@ def test_ray_local_cluster_listens_on_loopback_only(tmp_path):
     from fedfm.engines import close_engine, engine_for
 
     app = App(tiny(tmp_path, "engine.name=ray", "engine.threads=1", "engine.workers=1"))
-    engine_for(app)
+    engine = engine_for(app)
     try:
         ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
         listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours}
         assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
+        # a job that never finishes (here: it needs a CPU, and the engine's actor holds the cluster's only one) stops
+        # the run after engine.timeout_s with a reason, where the engine used to wait forever, silently
+        from fedfm.errors import FedFMError
+
+        def needs_a_cpu():
+            return 1
+
+        engine.timeout = 1.0
+        stuck = engine.ray.remote(num_cpus=1)(needs_a_cpu).remote()
+        with pytest.raises(FedFMError, match="no Ray result for engine.timeout_s=1 s"):
+            engine._gather([stuck])
     finally:
         close_engine(app)

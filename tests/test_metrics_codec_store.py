@@ -339,6 +339,9 @@ def test_validate_rejects_bad_updates(server):
     assert "dtype" in server.validate(update(y=torch.ones(4, dtype=torch.int64)), REF)
     assert "num_examples" in server.validate(update(n=0), REF)
     assert "num_examples" in server.validate(update(n=-3), REF)
+    # a remote node's count arrives as a float: NaN fails "<= 0" too, and either would poison the weighted mean
+    assert "num_examples" in server.validate(update(n=float("nan")), REF)
+    assert "num_examples" in server.validate(update(n=float("inf")), REF)
 
 
 def cfg_sampling(fraction: float, min_clients: int = 1, seed: int = 0) -> RunConfig:

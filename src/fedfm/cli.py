@@ -84,7 +84,8 @@ def run(
             raise FedFMError("give a CONFIG file (or --resume RUN_DIR)")
         cfg = config_mod.load(config, sets + where)
     if cfg.engine.name == "flower":
-        _run_on_flower(cfg, method, out_dir, resume)
+        # a resumed run's method is the saved one (--method is ignored with --resume)
+        _run_on_flower(cfg, RunDir(resume).status()["method"] if resume else method, out_dir, resume)
         return
     if resume is not None:
         summary = server.resume(App(cfg), resume)

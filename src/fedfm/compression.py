@@ -9,7 +9,9 @@ Sparsifiers: ``topk`` keeps the largest magnitudes; its indices travel as uint16
 65,536-coordinate chunks plus a per-chunk count (2 bytes per kept coordinate, where raw int32/int64 indices
 would take 4 or 8). ``randk`` keeps a random subset drawn from a seed that travels instead of the indices (8
 bytes in all; the random mask of Konecny et al. 2016, "Federated Learning: Strategies for Improving
-Communication Efficiency").
+Communication Efficiency"). Both send the kept values unscaled, so both are biased (randk: E[decoded] =
+topk_fraction x update, not rescaled by 1/fraction as in Konecny et al.'s unbiased variant): meant to be used
+with error feedback, which sends the rest later.
 
 Value codecs: ``fp16``/``bf16`` (casts), ``int8``/``int4`` (blockwise absmax scales with *stochastic
 rounding*, E[decoded] = input, so quantisation adds noise but no bias; int4 packs two values per byte),

@@ -362,7 +362,8 @@ class EngineConfig(Section):
         "flower: the SuperLink address host:port (set by fedfm run --federation).",
     )
     timeout_s: float = Field(
-        600.0, gt=0, description="flower: seconds a round waits for replies before counting a node as vanished."
+        600.0, gt=0, description="flower: seconds a round waits for replies before counting a node as vanished; "
+        "ray: seconds to wait for the actors to start, and for each next result in a round, before stopping the run.",
     )
     connect_s: float = Field(
         60.0, gt=0, description="flower: seconds the server waits for every owner's SuperNode before the first round "

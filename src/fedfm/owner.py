@@ -88,12 +88,15 @@ def read_owner(data_dir: Path) -> dict:
     return meta
 
 
-def check_owner(data_dir: Path, task: str, num_clients: int) -> dict:
-    """``owner.json`` checked against a run (its task and federation size): cheap, no data is parsed."""
+def check_owner(data_dir: Path, task: str, num_clients: int | None) -> dict:
+    """``owner.json`` checked against a run (its task and federation size): cheap, no data is parsed.
+
+    ``num_clients`` None (a natural partition, whose size comes from the data) leaves the size to the
+    coordinator, which sends the number of owners of its split in its first message to every node."""
     meta, d = read_owner(data_dir), Path(data_dir)
     if meta["task"] != task:
         raise DataError(f"{d} holds {meta['task']} data but the run's task is {task}")
-    if meta["num_clients"] != num_clients:
+    if num_clients is not None and meta["num_clients"] != num_clients:
         raise DataError(f"{d} belongs to a federation of {meta['num_clients']} owners, the run has "
                         f"federation.num_clients={num_clients}")
     for part in ("train", "test"):

@@ -31,6 +31,15 @@ from fedfm.errors import FedFMError
 from fedfm.types import ServerState
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (a rename is durable only once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -38,6 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 class RunDir:
@@ -101,7 +111,9 @@ class RunDir:
         """Atomically write the state of every group (one for federated/centralized, one per client for local).
 
         One safetensors file per group, written one group at a time, so groups that live on disk (see
-        ``fedfm.store.GroupStates``) are never all in memory at once.
+        ``fedfm.store.GroupStates``) are never all in memory at once. Every file and directory is flushed to
+        disk before ``LATEST`` names the new checkpoint and the old one is deleted, so a power loss leaves
+        one complete checkpoint, not a ``LATEST`` pointing at empty files.
         """
         round_ = 0  # taken from the states as they are written (GroupStates loads each group lazily)
         self.ckpt_dir.mkdir(exist_ok=True)
@@ -111,12 +123,16 @@ class RunDir:
             tensors = {f"w/{k}": v.contiguous() for k, v in st.weights.items()}
             tensors.update({f"opt/{k}": v.contiguous() for k, v in st.opt.items()})
             save_file(tensors, str(tmp / f"state-g{g}.safetensors"))
+            fsync_path(tmp / f"state-g{g}.safetensors")
         (tmp / "meta.json").write_text(json.dumps({**meta, "round": round_, "groups": len(states)}))
+        fsync_path(tmp / "meta.json")
+        fsync_path(tmp)
         name = f"round-{round_:04d}"
         final = self.ckpt_dir / name
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        fsync_path(self.ckpt_dir)
         atomic_write_text(self.ckpt_dir / "LATEST", name)
         for old in self.ckpt_dir.iterdir():  # keep only the newest complete checkpoint
             if old.name not in (name, "LATEST"):

@@ -134,8 +134,8 @@ def validate(update: ClientUpdate, reference: Weights) -> str | None:
         # overflow on finite values, which must not be rejected), keeping the common case cheap
         if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             return f"tensor {k} contains NaN or Inf"
-    if update.num_examples <= 0:
-        return "num_examples must be positive"
+    if not math.isfinite(update.num_examples) or update.num_examples <= 0:  # a NaN count would pass "<= 0"
+        return "num_examples must be a positive finite number"
     return None
 
 
@@ -212,13 +212,20 @@ class Runner:
         due = r % self.cfg.eval.every == 0 or r == self.cfg.rounds
         seen, rejected, evals, bytes_down = [], [], [], 0
         stragglers: list[dict] = []
+        server_log: dict[str, Any] = {}
+        skipped = False
         timing: dict[str, float] = {}  # simulated seconds of the clients that reported in time
         lora_log: dict[str, float] = {}
+
+        def unchanged(g: int, st: ServerState) -> None:
+            """The group's model stays as it was this round (evaluated again when due: the curve has no hole)."""
+            states[g] = ServerState(r, st.weights, st.opt)
+            evals.extend([self.app.server_evaluate(st.weights)] if due else [])
+
         for g, (group, members) in enumerate(zip(groups, picks)):
             st = states[g]
             if not members and self.cl is not None:  # continual learning: this group's owner sits the stage out
-                states[g] = ServerState(r, st.weights, st.opt)
-                evals += [self.app.server_evaluate(st.weights)] if due else []
+                unchanged(g, st)
                 continue
             extra = {"batch_size": group.batch_size} if group.batch_size else {}
             extra.update(self.cl.client_config(st.opt) if self.cl else {})  # the penalty of ewc / l2sp
@@ -233,16 +240,28 @@ class Runner:
             if self.private is not None:
                 if len(members) < self.cfg.federation.min_clients:  # Poisson sampling drew too few: skip the round
                     log.warning("round %d: %d clients sampled (< min_clients); the model is unchanged", r, len(members))
-                    states[g] = ServerState(r, st.weights, st.opt)
-                    private_log = {"skipped": True, **({"epsilon": self.private.epsilon(r)} if self.cfg.dp.active else {})}
+                    unchanged(g, st)
+                    private_log = {"epsilon": self.private.epsilon(r)} if self.cfg.dp.active else {}
+                    skipped = True
                     continue
                 agg, private_log, updates, down = self.private.run(r, st, jobs, self.engine, rejected)
+                bytes_down += down
+                seen += updates
                 valid = [agg]
             else:
                 updates, down = self.engine.train(jobs, on_done=on_done)
+                bytes_down += down
+                seen += updates
+                needed = min(self.cfg.federation.min_clients, len(group.members))
+                if len(updates) < needed:
+                    # sampling, dropout, the deadline or vanished clients left too few reports: skip the round, as
+                    # the private path does (a seeded draw would fail again on every resume if this raised)
+                    log.warning("round %d: %d of %d updates arrived in group %s (< min_clients %d); the model is "
+                                "unchanged", r, len(updates), len(jobs), group.name, needed)
+                    unchanged(g, st)
+                    skipped = True
+                    continue
                 valid = self.screen(r, group, st.weights, updates, rejected)
-            bytes_down += down
-            seen += updates
             # strategy state and the privacy state (adaptive clip norm) are kept apart: strategies are pure
             st_strategy = ServerState(st.round, st.weights, own)
             if self.private is None and self.lora_aggregation(st.weights, valid, lora_log):
@@ -262,7 +281,9 @@ class Runner:
         if progress:
             progress.remove_task(bar)
         m = _mean(evals) if evals else {}
-        losses = [u.metrics["train_loss"] for u in seen if "train_loss" in u.metrics]
+        refused = {x["client"] for x in rejected}  # a rejected update's own loss and count are not trusted
+        trusted = [u for u in seen if u.client not in refused]
+        losses = [u.metrics["train_loss"] for u in trusted if "train_loss" in u.metrics]
         if not losses and "secure_train_loss" in private_log:
             losses = [private_log["secure_train_loss"]]
         return {
@@ -278,13 +299,14 @@ class Runner:
             **({k: m.get(k) for k in ("rougeL", "exact_match")} if self.cfg.task == "instruction" else {}),
             **({k: m.get(k) for k in RETRIEVAL_METRICS} if self.cfg.task == "retrieval" else {}),
             **({"backdoor_success": m["backdoor_success"]} if "backdoor_success" in m else {}),
-            **(server_log if self.server_steps else {}),
+            **server_log,
             # baselines communicate nothing: centralized already holds the data, local owners train alone
             "bytes_down": bytes_down if self.method == "federated" else 0,
             "bytes_up": sum(u.bytes_up for u in seen) + cl_log.get("cl_bytes_up", 0) if self.method == "federated" else 0,
-            "examples": int(sum(u.metrics["examples_seen"] for u in seen)),
-            "lr": seen[-1].metrics["lr"] if seen else None,
+            "examples": int(sum(u.metrics.get("examples_seen", 0) for u in trusted)),
+            "lr": trusted[-1].metrics.get("lr") if trusted else None,
             "rejected": rejected,
+            **({"skipped": True} if skipped else {}),
             **self.fault_log(picks, seen, stragglers, timing),
             **lora_log,
             **{k: v for k, v in private_log.items() if k != "secure_train_loss"},
@@ -493,8 +515,9 @@ class Runner:
                     raise
                 wall += record["round_time_s"]
                 record["wall_time_s"] = wall
-                self.dir.save_checkpoint(states, {"method": self.method, "seed": self.cfg.seed, "fedfm": __version__})
+                # the record first: resume drops records past the checkpoint, but could not restore a lost one
                 self.dir.append_metrics(record)
+                self.dir.save_checkpoint(states, {"method": self.method, "seed": self.cfg.seed, "fedfm": __version__})
                 self.dir.set_status("running", self.method, states.round)
                 if show:
                     progress.advance(rounds_bar)

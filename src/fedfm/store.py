@@ -12,6 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from fedfm.rundir import fsync_path
 from fedfm.types import ServerState, Weights
 
 
@@ -137,7 +138,9 @@ class ClientStates:
         path = self._path(client, round_)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        fsync_path(tmp)  # durable before the older version it replaces is deleted below
         tmp.replace(path)
+        fsync_path(self.dir)
         rounds = self._index().setdefault(client, [])
         if round_ not in rounds:
             rounds.append(round_)

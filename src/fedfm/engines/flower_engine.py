@@ -14,12 +14,15 @@ same message lengths as on the other engines (``fedfm.engines.common``), so runs
 
 Owners are matched to federation indices by asking every connected node who it is (``query.hello``); an owner
 that does not answer, or answers with an error (a missing data directory, a malformed one), is logged at the
-server with the node's own message and counts as vanished whenever it is sampled.
+server with the node's own message and counts as vanished whenever it is sampled. A node that connects after the
+start is asked at the next round and joins from then on (not under secure aggregation, whose round keys are set up
+before training); a node asked once is not asked again (a restarted node keeps its id, and its owner).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import re
@@ -127,11 +130,29 @@ def update_content(update: ClientUpdate, delta: Weights):
     })
 
 
+def number_dict(text: str, required: tuple[str, ...] = (), finite: bool = True) -> dict[str, float]:
+    """A node's JSON metrics, accepted only as a dict of numbers (finite unless ``finite`` is False: an owner with no
+    test examples evaluates to NaN) holding ``required``; ValueError otherwise. The round record and the aggregate
+    read them, so a buggy or hostile node must not reach them with anything else."""
+    d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"metrics are a {type(d).__name__}, not a dict")
+    bad = [k for k, v in d.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or (finite and not math.isfinite(v))]
+    if bad:
+        raise ValueError(f"metrics {bad} are not {'finite ' if finite else ''}numbers")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"metrics {missing} are missing")
+    return d
+
+
 def update_from_content(content) -> tuple[ClientUpdate, Weights]:
     from fedfm.types import ClientUpdate
 
     u = content.config_records["update"]
-    update = ClientUpdate(str(u["client"]), {}, float(u["num_examples"]), json.loads(u["metrics"]))
+    metrics = number_dict(u["metrics"], ("steps", "examples_seen", "lr"))  # train_loss stays home under secagg
+    update = ClientUpdate(str(u["client"]), {}, float(u["num_examples"]), metrics)
     return update, from_record(content.array_records["delta"])
 
 
@@ -164,9 +185,7 @@ class FlowerEngine:
     # -- discovery
     def connect(self) -> None:
         """Wait for the federation's SuperNodes, then ask each which owner it serves."""
-        from flwr.app import ConfigRecord, Message, RecordDict
-
-        want = self.app.cfg.federation.num_clients
+        want = len(self.app.split.client_names)  # federation.num_clients may be null (a natural partition)
         deadline = time.monotonic() + self.app.cfg.engine.connect_s
         ids = list(self.grid.get_node_ids())
         while len(ids) < want and time.monotonic() < deadline:
@@ -175,6 +194,26 @@ class FlowerEngine:
         if not ids:
             raise FedFMError("no SuperNode is connected to the SuperLink: start the owners' nodes first "
                              "(fedfm deploy supernode --data DIR ...)")
+        self.discover(ids)
+        need = self.app.cfg.federation.min_clients
+        if len(self.nodes) < need:
+            errors = "; ".join(f"node {r['node']}: {r.get('error', r['status'])}" for r in self.roster if r["status"] != "ok")
+            raise FedFMError(f"only {len(self.nodes)} of {want} owners are reachable (federation.min_clients={need})"
+                             + (f": {errors}" if errors else ""))
+
+    def discover_new(self) -> None:
+        """Ask nodes that connected since the last look which owner they serve (an owner whose node came up after
+        the start joins from the next round). A node asked once is not asked again: a restarted node keeps its id."""
+        asked = {r["node"] for r in self.roster}
+        new = [n for n in self.grid.get_node_ids() if n not in asked]
+        if new:
+            self.discover(new)
+
+    def discover(self, ids: list[int]) -> None:
+        """Ask nodes ``ids`` which owner they serve; record every answer (or its absence) in the roster."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        want = len(self.app.split.client_names)
         hello = [Message(RecordDict({"hello": ConfigRecord({"num_clients": want})}), dst_node_id=n,
                          message_type="query.hello") for n in ids]
         got = list(self.grid.send_and_receive(hello, timeout=self.timeout))
@@ -214,11 +253,6 @@ class FlowerEngine:
         missing = sorted(set(range(want)) - set(self.nodes))
         if missing:
             log.warning("owners without a working SuperNode (they count as vanished when sampled): %s", missing)
-        need = self.app.cfg.federation.min_clients
-        if len(self.nodes) < need:
-            errors = "; ".join(f"node {r['node']}: {r.get('error', r['status'])}" for r in self.roster if r["status"] != "ok")
-            raise FedFMError(f"only {len(self.nodes)} of {want} owners are reachable (federation.min_clients={need})"
-                             + (f": {errors}" if errors else ""))
 
     # -- exchanging messages
     def _exchange(self, messages: list[tuple[int, object]]) -> dict[int, object]:
@@ -278,6 +312,8 @@ class FlowerEngine:
         from fedfm.engines.common import Broadcast
 
         self.remember_state_key()
+        if not self.app.cfg.secagg.enabled:  # under secure aggregation the round's keys were set up before this
+            self.discover_new()
         down, cast = Broadcast(self.app), {}
 
         def sent(tensors: Weights) -> Weights:
@@ -343,7 +379,8 @@ class FlowerEngine:
         replies, out = self._exchange(messages), []
         for i, _ in jobs:
             try:
-                out.append(json.loads(replies[i].content.config_records["metrics"]["json"]) if i in replies else None)
+                out.append(number_dict(replies[i].content.config_records["metrics"]["json"], ("loss",), finite=False)
+                           if i in replies else None)
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("owner %d sent a malformed evaluation: %r", i, exc)
                 out.append(None)
@@ -444,6 +481,9 @@ def _use_state(app, context, msg) -> None:
         raise FedFMError("malformed run state key")
     root = Path(str(context.node_config.get("state-dir") or Path(_data_dir(context)) / ".fedfm-state"))
     if app.client_states is None or app.client_states.dir != root / key:
+        for d in (root, root / key):  # the state holds the owner's DP noise secret: for the owner's account only
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            d.chmod(0o700)
         app.client_states = ClientStates(root / key)
 
 
@@ -500,7 +540,8 @@ def make_client_app():
 
         config, _ = _run_config(context)
         d = Path(str(_data_dir(context)))
-        o = check_owner(d, config.get("task", "classification"), config["federation"]["num_clients"])
+        want = int(msg.content.config_records["hello"]["num_clients"])  # the size of the coordinator's split
+        o = check_owner(d, config.get("task", "classification"), want)
         info = {"index": o["index"], "name": o["name"], "n_train": count_rows(d / "train.jsonl"),
                 "n_test": count_rows(d / "test.jsonl")}
         return Message(RecordDict({"owner": ConfigRecord(info)}), reply_to=msg)

@@ -102,7 +102,10 @@ class RayEngine:
         if self.started:
             options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if cfg.address:
-                ray.init(address=cfg.address, **options)
+                try:
+                    ray.init(address=cfg.address, **options)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise FedFMError(f"cannot reach the Ray cluster at engine.address={cfg.address}: {exc}") from None
             else:  # a private local cluster, listening on loopback only
                 ray.init(num_cpus=self.workers * self.threads, object_store_memory=2 * 2**30, **options)
         config = app.cfg.model_dump(mode="json")
@@ -111,8 +114,14 @@ class RayEngine:
         env = {"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(self.threads)}}
         remote = ray.remote(num_cpus=self.threads, max_concurrency=1)(_Worker)
         self.actors = [remote.options(runtime_env=env).remote(config, self.threads) for _ in range(self.workers)]
+        self.timeout = cfg.timeout_s
         try:
-            self.pids = ray.get([a.ready.remote() for a in self.actors])
+            self.pids = ray.get([a.ready.remote() for a in self.actors], timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise FedFMError(f"{self.workers} Ray actors of {self.threads} CPUs each did not start within "
+                             f"engine.timeout_s={self.timeout:g} s: does the cluster have that many free CPUs? "
+                             "(lower engine.workers or engine.threads)") from None
         except Exception as exc:
             self.close()
             raise FedFMError(f"a Ray actor failed to build the run's App: {exc}") from exc
@@ -139,12 +148,17 @@ class RayEngine:
         ray, pending, out = self.ray, list(refs), {}
         where = {r: i for i, r in enumerate(refs)}
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=self.timeout)
+            if not done:  # a hung actor would otherwise block the run forever, silently (log_to_driver is off)
+                raise FedFMError(f"no Ray result for engine.timeout_s={self.timeout:g} s ({len(pending)} of "
+                                 f"{len(refs)} jobs outstanding)")
             for r in done:
                 try:
                     out[where[r]] = ray.get(r)
-                except ray.exceptions.RayActorError as exc:
-                    raise FedFMError(f"a Ray actor died: {exc}") from exc
+                except ray.exceptions.RayTaskError:
+                    raise  # the client code's own exception (a data error, ...), re-raised as its type
+                except ray.exceptions.RayError as exc:  # an actor died, ran out of memory, lost the object
+                    raise FedFMError(f"Ray lost a client's result: {type(exc).__name__}: {exc}") from exc
                 if on_done:
                     on_done(where[r], out[where[r]])
         return [out[i] for i in range(len(refs))]
