@@ -12,6 +12,7 @@ computed from the model size, not run.
 
     python benchmarks/pretrain.py                        # H in 10 25 50 150, 150 steps per owner
     python benchmarks/pretrain.py --inner 50 --steps 150 --name pretrain_quick
+    python benchmarks/pretrain.py --jobs 2 --set engine.threads=1 ...   # two runs at a time, one process each
 
 Writes benchmarks/results/<name>.md, .json and a perplexity-vs-bytes plot.
 """
@@ -39,74 +40,100 @@ def history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+_APPS: dict = {}  # per process: one App (data, tokenizer, model) for every run; runs differ in rounds and steps
+
+
+def run_plan(config_path: str, base: list[str], plan: tuple, run_dir: Path) -> tuple[dict, dict]:
+    """One run of the sweep (in this process or a worker): its row, and the setup facts every row shares."""
+    method, h, rounds, outer = plan
+    cfg = config.load(config_path, [*base, f"rounds={rounds}", f"train.local_steps={h}",
+                                    f"strategy.name={outer}", f"strategy.server_lr={OUTER_LR[outer]}"])
+    if "app" not in _APPS:
+        app = _APPS["app"] = App(cfg)
+        _APPS["setup"] = {"model_bytes": 4 * app.trainable_params, "owners": len(app.split.client_names),
+                          "start": app.server_evaluate(app.initial_weights)}
+    app = _APPS["app"]
+    app.cfg = cfg
+    t0 = time.perf_counter()
+    summary = server.run_method(app, method, run_dir)
+    hist = history(run_dir)
+    row = {
+        "method": method,
+        "outer": outer if method == "federated" else "—",
+        "outer_lr": OUTER_LR[outer],
+        "inner_steps": h if method == "federated" else 1,
+        "rounds": len(hist),
+        "perplexity": summary["global"]["perplexity"],
+        "own_perplexity": summary["own_mean"].get("perplexity"),
+        "tokens": int(sum(r["examples"] for r in hist)) * cfg.data.max_length,
+        "bytes": int(sum(r["bytes_down"] + r["bytes_up"] for r in hist)),
+        "curve": [
+            {"round": r["round"], "perplexity": r["perplexity"], "bytes": int(sum(x["bytes_down"] + x["bytes_up"] for x in hist[: i + 1]))}
+            for i, r in enumerate(hist)
+        ],
+        "seconds": time.perf_counter() - t0,
+    }
+    return row, _APPS["setup"]
+
+
+OUTER_LR = {"diloco": 0.7, "fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/pretrain_austen.yaml")
     ap.add_argument("--inner", nargs="+", type=int, default=[10, 25, 50, 150], help="inner steps H per round")
     ap.add_argument("--steps", type=int, default=150, help="inner steps per owner over the whole run")
     ap.add_argument("--outer", nargs="*", default=["fedavg", "fedavgm", "fedadam"],
-                    help="other outer optimisers, each run once at the largest H")
+                    help="other outer optimisers, each run once at the largest H that gives >= 2 rounds")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, each in its own process (with --set engine.threads=1 on a 2-core machine)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--name", default="pretrain")
     args = ap.parse_args()
     for h in [*args.inner, 10]:
         if args.steps % h:
             ap.error(f"--steps {args.steps} is not a multiple of inner steps {h}")
+    multi = [h for h in args.inner if args.steps // h >= 2]  # outer optimisers need >= 2 rounds to differ
+    if args.outer and not multi:
+        ap.error("--outer needs an inner step count that gives at least 2 rounds")
 
-    runs = []
+    # centralized synchronous: rounds only set the evaluation cadence (10 points), every step is a sync
+    plans = [("centralized", args.steps // 10, 10, "diloco")] + [("federated", h, args.steps // h, "diloco") for h in args.inner]
+    plans += [("federated", max(multi), args.steps // max(multi), name) for name in args.outer]
+    done: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = [f"output_dir={tmp}", "compare.centralized=synchronous", "eval.every=1", *args.overrides]
-        # one App (data, tokenizer, model) for every run: the runs differ only in rounds and local_steps
-        app = None
-        # centralized synchronous: rounds only set the evaluation cadence (10 points), every step is a sync
-        plans = [("centralized", args.steps // 10, 10, "diloco")] + [("federated", h, args.steps // h, "diloco") for h in args.inner]
-        h_outer = max(h for h in args.inner if args.steps // h >= 2)  # outer optimisers need >= 2 rounds to differ
-        plans += [("federated", h_outer, args.steps // h_outer, name) for name in args.outer]
-        outer_lr = {"diloco": 0.7, "fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
-        for method, h, rounds, outer in plans:
-            cfg = config.load(args.config, [*base, f"rounds={rounds}", f"train.local_steps={h}",
-                                            f"strategy.name={outer}", f"strategy.server_lr={outer_lr[outer]}"])
-            if app is None:
-                app = App(cfg)
-                model_bytes = 4 * app.trainable_params
-                owners = len(app.split.client_names)
-                start = app.server_evaluate(app.initial_weights)
-            app.cfg = cfg
-            t0 = time.perf_counter()
-            run_dir = Path(tmp) / f"{method}-{outer}-{h}"
-            summary = server.run_method(app, method, run_dir)
-            hist = history(run_dir)
-            runs.append(
-                {
-                    "method": method,
-                    "outer": outer if method == "federated" else "—",
-                    "outer_lr": outer_lr[outer],
-                    "inner_steps": h if method == "federated" else 1,
-                    "rounds": len(hist),
-                    "perplexity": summary["global"]["perplexity"],
-                    "own_perplexity": summary["own_mean"].get("perplexity"),
-                    "tokens": int(sum(r["examples"] for r in hist)) * cfg.data.max_length,
-                    "bytes": int(sum(r["bytes_down"] + r["bytes_up"] for r in hist)),
-                    "curve": [
-                        {"round": r["round"], "perplexity": r["perplexity"], "bytes": int(sum(x["bytes_down"] + x["bytes_up"] for x in hist[: i + 1]))}
-                        for i, r in enumerate(hist)
-                    ],
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
-            write(runs, args, model_bytes, owners, start)
+        dirs = [Path(tmp) / f"{i}-{m}-{o}-{h}" for i, (m, h, _, o) in enumerate(plans)]
+        if args.jobs == 1:
+            results = (run_plan(args.config, base, plan, d) for plan, d in zip(plans, dirs))
+            for i, (row, setup) in enumerate(results):
+                done[i] = row
+                print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+                write([done[j] for j in sorted(done)], args, setup)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(run_plan, args.config, base, plan, d): i for i, (plan, d) in enumerate(zip(plans, dirs))}
+                for f in as_completed(futures):
+                    row, setup = f.result()
+                    done[futures[f]] = row
+                    print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+                    write([done[j] for j in sorted(done)], args, setup)
 
 
-def write(runs: list[dict], args, model_bytes: int, owners: int, start: dict) -> None:
+def write(runs: list[dict], args, setup: dict) -> None:
+    model_bytes, owners, start = setup["model_bytes"], setup["owners"], setup["start"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/pretrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info = machine_info()
     cent = next((r for r in runs if r["method"] == "centralized"), None)
     per_step_bytes = args.steps * 2 * owners * model_bytes  # every owner down + up after every step
     source = config.load(args.config, args.overrides).model.source
-    start_from = ("a 5.8M-parameter Llama from scratch, byte-level BPE trained on the training pool" if source == "scratch"
-                  else f"warm start: every method starts from the model in `{source}` and its tokenizer")
+    start_from = ("a Llama from scratch, byte-level BPE trained on the training pool" if source == "scratch"
+                  else f"warm start: every method starts from the pretrained model `{source}` and its tokenizer")
     lines = [
         "# Federated pre-training: DiLoCo vs per-step synchronous training at equal tokens",
         "",
