@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -253,3 +254,14 @@ def test_causal_lm_config_errors_name_the_fix():
         config_mod.load(None, ["server_data.when=during"])
     cfg = config_mod.load(None, ["strategy.name=diloco", "server_data.fraction=0.02", "server_data.steps=4"])
     assert cfg.strategy.name == "diloco" and cfg.server_data.active
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes_validation(path):
+    # the README's ready configs must load as they are (a federated RAG config has its own schema)
+    from fedfm.rag import config as rag_config
+
+    if "collection" in yaml.safe_load(path.read_text()):
+        rag_config.load(path)
+    else:
+        C.load(path)
