@@ -94,6 +94,8 @@ def main() -> None:
     for h in [*args.inner, 10]:
         if args.steps % h:
             ap.error(f"--steps {args.steps} is not a multiple of inner steps {h}")
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
     multi = [h for h in args.inner if args.steps // h >= 2]  # outer optimisers need >= 2 rounds to differ
     if args.outer and not multi:
         ap.error("--outer needs an inner step count that gives at least 2 rounds")
@@ -118,7 +120,11 @@ def main() -> None:
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = {pool.submit(run_plan, args.config, base, plan, d): i for i, (plan, d) in enumerate(zip(plans, dirs))}
                 for f in as_completed(futures):
-                    row, setup = f.result()
+                    try:
+                        row, setup = f.result()
+                    except BaseException:  # stop now, not after every queued run; the finished ones are written
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
                     done[futures[f]] = row
                     print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
                     write([done[j] for j in sorted(done)], args, setup)

@@ -6,6 +6,7 @@ Reference: the embedded engine (itself checked by hand-worked strategy tests and
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -129,6 +130,7 @@ def test_flower_records_round_trip_tasks_and_updates_exactly():
     assert all(torch.equal(delta[k], v) for k, v in mixed.items())
     # a node's reply is checked before the round record reads it: a dict of finite numbers with the public counters
     for metrics, why in [(["x"], "not a dict"), ({**sent, "lr": None}, "not finite numbers"),
+                         ({**sent, "steps": 10**400}, "not finite numbers"),
                          ({**sent, "train_loss": float("nan")}, "not finite numbers"),
                          ({"train_loss": 1.0}, "missing"), ({**sent, "steps": True}, "not finite numbers")]:
         with pytest.raises(ValueError, match=why):
@@ -255,7 +257,11 @@ def test_an_owners_private_state_folder_is_for_its_account_only(tmp_path):
     key = "ab" * 16
     app = SimpleNamespace(client_states=None)
     message = SimpleNamespace(content=RecordDict({"fedfm": ConfigRecord({"state-key": key})}))
-    _use_state(app, SimpleNamespace(node_config={"state-dir": str(tmp_path / "state")}), message)
+    old_umask = os.umask(0o022)  # the usual default, under which folders were created 0755
+    try:
+        _use_state(app, SimpleNamespace(node_config={"state-dir": str(tmp_path / "state")}), message)
+    finally:
+        os.umask(old_umask)
     assert app.client_states.dir == tmp_path / "state" / key
     for d in (tmp_path / "state", tmp_path / "state" / key):
         assert d.stat().st_mode & 0o777 == 0o700
@@ -288,15 +294,15 @@ def test_ray_local_cluster_listens_on_loopback_only(tmp_path):
         listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours}
         assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
         # a job that never finishes (here: it needs a CPU, and the engine's actor holds the cluster's only one) stops
-        # the run after engine.timeout_s with a reason, where the engine used to wait forever, silently
+        # the run after engine.ray_result_timeout_s with a reason, where the engine used to wait forever, silently
         from fedfm.errors import FedFMError
 
         def needs_a_cpu():
             return 1
 
-        engine.timeout = 1.0
+        engine.result_timeout = 1.0
         stuck = engine.ray.remote(num_cpus=1)(needs_a_cpu).remote()
-        with pytest.raises(FedFMError, match="no Ray result for engine.timeout_s=1 s"):
+        with pytest.raises(FedFMError, match="no Ray result for engine.ray_result_timeout_s=1 s"):
             engine._gather([stuck])
     finally:
         close_engine(app)

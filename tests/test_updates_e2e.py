@@ -231,6 +231,29 @@ def test_a_round_with_too_few_reports_is_skipped_not_fatal(tmp_path, dp):
     assert rec[2]["eval_loss"] == rec[1]["eval_loss"]  # the same model evaluated again
 
 
+def test_reports_of_a_skipped_round_leave_no_client_state_behind(tmp_path, monkeypatch):
+    # min_clients=3 of 3 with 30% dropout: some rounds get 1-2 reports and are skipped. Those clients already saved their
+    # error-feedback residual for the round; it is dropped with their update, so their next round reads the state
+    # from before the skipped round (as a resume would), not a residual of an update never applied.
+    cfg = tiny(tmp_path, "rounds=4", "federation.min_clients=3", "federation.dropout=0.3",
+               "compression.up=[topk,int8]", "compression.topk_fraction=0.01")
+    original, on_disk = server.Runner.round, {}
+
+    def round_and_look(self, states, progress):  # the clients' state files right after each round
+        record = original(self, states, progress)
+        on_disk[record["round"]] = sorted(p.name for p in (self.dir.path / "clients").glob("*.safetensors"))
+        return record
+
+    monkeypatch.setattr(server.Runner, "round", round_and_look)
+    rec = records(server.run(cfg))
+    partial = [r for r in rec if r.get("skipped") and r["clients"]]
+    assert partial  # the seeded dropout gives rounds with some but too few reports
+    for r in partial:
+        assert not [n for n in on_disk[r["round"]] if n.endswith(f".{r['round']}.safetensors")], on_disk
+        assert r["examples"] == 0 and r["train_loss"] is None  # the dropped reports are not counted as used
+    assert any(on_disk.values())  # the rounds that were not skipped keep their residuals
+
+
 def test_a_metrics_record_is_never_lost_between_checkpoint_and_log(tmp_path, monkeypatch):
     # the record is appended before the checkpoint: a crash between the two is repaired on resume (the record past
     # the checkpoint is dropped and rewritten), where the other order lost round 2's record for good

@@ -363,7 +363,11 @@ class EngineConfig(Section):
     )
     timeout_s: float = Field(
         600.0, gt=0, description="flower: seconds a round waits for replies before counting a node as vanished; "
-        "ray: seconds to wait for the actors to start, and for each next result in a round, before stopping the run.",
+        "ray: seconds to wait for the actors to start before stopping the run.",
+    )
+    ray_result_timeout_s: float | None = Field(
+        None, gt=0, description="ray: seconds a round waits for its next client result before stopping the run "
+        "(None: no limit; a client's training can legitimately take long).",
     )
     connect_s: float = Field(
         60.0, gt=0, description="flower: seconds the server waits for every owner's SuperNode before the first round "

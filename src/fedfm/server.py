@@ -213,7 +213,7 @@ class Runner:
         seen, rejected, evals, bytes_down = [], [], [], 0
         stragglers: list[dict] = []
         server_log: dict[str, Any] = {}
-        skipped = False
+        skipped, discarded = False, set()  # discarded: clients whose reports a skipped round did not use
         timing: dict[str, float] = {}  # simulated seconds of the clients that reported in time
         lora_log: dict[str, float] = {}
 
@@ -249,15 +249,21 @@ class Runner:
                 seen += updates
                 valid = [agg]
             else:
-                updates, down = self.engine.train(jobs, on_done=on_done)
+                needed = min(self.cfg.federation.min_clients, len(group.members))
+                # too few sampled (or past the deadline): nobody trains; too few reported (dropout, vanished nodes):
+                # their updates are dropped and so is the state they saved this round (the next round reads the
+                # state from before, as on a resume). Raising instead would fail again at this seeded round on
+                # every resume.
+                updates, down = self.engine.train(jobs, on_done=on_done) if len(jobs) >= needed else ([], 0)
                 bytes_down += down
                 seen += updates
-                needed = min(self.cfg.federation.min_clients, len(group.members))
                 if len(updates) < needed:
-                    # sampling, dropout, the deadline or vanished clients left too few reports: skip the round, as
-                    # the private path does (a seeded draw would fail again on every resume if this raised)
                     log.warning("round %d: %d of %d updates arrived in group %s (< min_clients %d); the model is "
                                 "unchanged", r, len(updates), len(jobs), group.name, needed)
+                    for u in updates:
+                        discarded.add(u.client)
+                        if self.app.client_states is not None:  # (under Flower, owners keep theirs at home)
+                            self.app.client_states.discard(u.client, r)
                     unchanged(g, st)
                     skipped = True
                     continue
@@ -281,7 +287,7 @@ class Runner:
         if progress:
             progress.remove_task(bar)
         m = _mean(evals) if evals else {}
-        refused = {x["client"] for x in rejected}  # a rejected update's own loss and count are not trusted
+        refused = {x["client"] for x in rejected} | discarded  # a rejected update's loss and count are not trusted
         trusted = [u for u in seen if u.client not in refused]
         losses = [u.metrics["train_loss"] for u in trusted if "train_loss" in u.metrics]
         if not losses and "secure_train_loss" in private_log:

@@ -150,6 +150,14 @@ class ClientStates:
             self._path(client, r).unlink(missing_ok=True)
             rounds.remove(r)
 
+    def discard(self, client: str, round_: int) -> None:
+        """Forget what ``client`` saved in round ``round_`` (a round the server skipped): the version it read, which
+        ``put`` kept, is again the latest."""
+        self._path(client, round_).unlink(missing_ok=True)
+        rounds = self._index().get(client, [])
+        if round_ in rounds:
+            rounds.remove(round_)
+
     def clients(self) -> int:
         """How many clients have a saved state."""
         return len(self._index())

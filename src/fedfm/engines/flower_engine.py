@@ -137,8 +137,14 @@ def number_dict(text: str, required: tuple[str, ...] = (), finite: bool = True) 
     d = json.loads(text)
     if not isinstance(d, dict):
         raise ValueError(f"metrics are a {type(d).__name__}, not a dict")
-    bad = [k for k, v in d.items()
-           if isinstance(v, bool) or not isinstance(v, (int, float)) or (finite and not math.isfinite(v))]
+
+    def number(v) -> bool:
+        try:  # a 400-digit JSON integer is an int that math.isfinite cannot take (OverflowError)
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and (not finite or math.isfinite(float(v)))
+        except OverflowError:
+            return False
+
+    bad = [k for k, v in d.items() if not number(v)]
     if bad:
         raise ValueError(f"metrics {bad} are not {'finite ' if finite else ''}numbers")
     missing = [k for k in required if k not in d]
@@ -481,9 +487,11 @@ def _use_state(app, context, msg) -> None:
         raise FedFMError("malformed run state key")
     root = Path(str(context.node_config.get("state-dir") or Path(_data_dir(context)) / ".fedfm-state"))
     if app.client_states is None or app.client_states.dir != root / key:
-        for d in (root, root / key):  # the state holds the owner's DP noise secret: for the owner's account only
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            d.chmod(0o700)
+        # the state holds the owner's DP noise secret: for the owner's account only (a state-dir the operator made
+        # keeps its own mode; the run's folder in it is always 0700)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (root / key).mkdir(mode=0o700, exist_ok=True)
+        (root / key).chmod(0o700)
         app.client_states = ClientStates(root / key)
 
 

@@ -114,7 +114,7 @@ class RayEngine:
         env = {"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(self.threads)}}
         remote = ray.remote(num_cpus=self.threads, max_concurrency=1)(_Worker)
         self.actors = [remote.options(runtime_env=env).remote(config, self.threads) for _ in range(self.workers)]
-        self.timeout = cfg.timeout_s
+        self.timeout, self.result_timeout = cfg.timeout_s, cfg.ray_result_timeout_s
         try:
             self.pids = ray.get([a.ready.remote() for a in self.actors], timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
@@ -148,10 +148,10 @@ class RayEngine:
         ray, pending, out = self.ray, list(refs), {}
         where = {r: i for i, r in enumerate(refs)}
         while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=self.timeout)
+            done, pending = ray.wait(pending, num_returns=1, timeout=self.result_timeout)
             if not done:  # a hung actor would otherwise block the run forever, silently (log_to_driver is off)
-                raise FedFMError(f"no Ray result for engine.timeout_s={self.timeout:g} s ({len(pending)} of "
-                                 f"{len(refs)} jobs outstanding)")
+                raise FedFMError(f"no Ray result for engine.ray_result_timeout_s={self.result_timeout:g} s "
+                                 f"({len(pending)} of {len(refs)} jobs outstanding)")
             for r in done:
                 try:
                     out[where[r]] = ray.get(r)
