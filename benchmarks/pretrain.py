@@ -104,15 +104,20 @@ def main() -> None:
     plans = [("centralized", args.steps // 10, 10, "diloco")] + [("federated", h, args.steps // h, "diloco") for h in args.inner]
     plans += [("federated", max(multi), args.steps // max(multi), name) for name in args.outer]
     done: dict[int, dict] = {}
+
+    def finished(i: int, row: dict, setup: dict) -> None:
+        """Record run ``i`` and rewrite the result files with every run done so far, in plan order."""
+        done[i] = row
+        print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+        write([done[j] for j in sorted(done)], args, setup)
+
     with tempfile.TemporaryDirectory() as tmp:
         base = [f"output_dir={tmp}", "compare.centralized=synchronous", "eval.every=1", *args.overrides]
         dirs = [Path(tmp) / f"{i}-{m}-{o}-{h}" for i, (m, h, _, o) in enumerate(plans)]
         if args.jobs == 1:
             results = (run_plan(args.config, base, plan, d) for plan, d in zip(plans, dirs))
             for i, (row, setup) in enumerate(results):
-                done[i] = row
-                print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-                write([done[j] for j in sorted(done)], args, setup)
+                finished(i, row, setup)
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -125,9 +130,7 @@ def main() -> None:
                     except BaseException:  # stop now, not after every queued run; the finished ones are written
                         pool.shutdown(wait=False, cancel_futures=True)
                         raise
-                    done[futures[f]] = row
-                    print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-                    write([done[j] for j in sorted(done)], args, setup)
+                    finished(futures[f], row, setup)
 
 
 def write(runs: list[dict], args, setup: dict) -> None:
