@@ -87,6 +87,8 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, power_cut_in_round_2)
     assert RunDir(run_dir).status()["status"] == "complete"
 
 
+# prefix_tuning on MiniLM: transformers 5.23 and later 5.x (5.24+ through models.pass_prefix_as_cache; see
+# test_prefix_tuning.py)
 @pytest.mark.parametrize("method", ["ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "none"])
 def test_peft_methods_train_and_only_trainable_tensors_travel(tmp_path, method):
     cfg = tiny(tmp_path, "rounds=1", f"peft.method={method}", "train.local_steps=1")

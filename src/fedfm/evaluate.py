@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedfm.app import App
 from fedfm.errors import FedFMError
-from fedfm.models import resolve_model_path
+from fedfm.models import pass_prefix_as_cache, resolve_model_path
 from fedfm.rundir import RunDir
 
 
@@ -29,7 +29,9 @@ def load_final(final: Path, source: str, task: str = "classification"):
             raise FedFMError("an adapter on a 'scratch' model cannot be reloaded: its random base was never saved")
         base_cfg = AutoConfig.from_pretrained(final / "base_config")
         base = auto.from_pretrained(resolve_model_path(source), config=base_cfg)
-        return PeftModel.from_pretrained(base, final)
+        model = PeftModel.from_pretrained(base, final)
+        pass_prefix_as_cache(model)
+        return model
     if (final / "config.json").is_file():
         return auto.from_pretrained(final)
     raise FedFMError(f"no final model in {final}: is the run complete?")

@@ -8,7 +8,9 @@ classification head that peft keeps in ``modules_to_save``), a soft prompt, or a
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +133,33 @@ def load_classifier(source: str, label_names: list[str], section: PeftSection, s
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config(section, "SEQ_CLS"))
+        pass_prefix_as_cache(model)
     return freeze(model, section.freeze)
+
+
+def pass_prefix_as_cache(model) -> None:
+    """Let peft's prefix tuning reach a sequence classifier's encoder under transformers >= 5.24.
+
+    transformers 5.24 renamed the models' ``past_key_values`` argument to ``cache`` (the old name stays a deprecated
+    alias until 5.40). For sequence classification peft 0.21 looks for the old name in the forward signature of the
+    backbone (``BertModel``) and refuses the model ("Model does not support past key values which are required for
+    prefix tuning") although the model would accept the prefix. This gives that one backbone a forward that takes
+    ``past_key_values`` and hands it on as ``cache``. A no-op unless the model is prefix-tuned and its backbone
+    takes ``cache`` but not ``past_key_values`` (transformers < 5.24 needs nothing).
+    """
+    config = getattr(model, "active_peft_config", None)
+    name = getattr(model, "transformer_backbone_name", None)
+    if config is None or getattr(config, "peft_type", None) != "PREFIX_TUNING" or name is None:
+        return
+    backbone = model.base_model.get_submodule(name)
+    params = inspect.signature(backbone.forward).parameters
+    if "past_key_values" in params or "cache" not in params:
+        return
+
+    def forward(self, *args, past_key_values=None, **kwargs):
+        return type(self).forward(self, *args, cache=past_key_values, **kwargs)
+
+    backbone.forward = types.MethodType(forward, backbone)  # bound, so a deepcopy of the model binds its own copy
 
 
 def load_encoder_for_training(source: str, section: PeftSection, seed: int) -> torch.nn.Module:
