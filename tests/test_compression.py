@@ -12,7 +12,8 @@ import torch
 from fedfm import codec as messages
 from fedfm.compression import CHUNK, KEY, UpdateCodec, cast_broadcast, flatten, with_feedback
 from fedfm.store import ClientStates
-from fedfm.strategies.scaffold import CONTROL, Scaffold
+from fedfm.features.scaffold import CONTROL
+from fedfm.strategies import Scaffold
 from fedfm.types import ClientUpdate, ServerState
 
 

@@ -297,12 +297,12 @@ def test_baselines_follow_the_stage_schedule(app, tmp_path):
     app.cfg = tiny(tmp_path, "continual.method=replay")
     rd = RunDir(tmp_path / "r")
     local = server.Runner(app, "local", rd)
-    assert [g.members for g in local.stage_groups(1)] == [[0], [1], []]  # client_2 joins at stage 2
-    assert [g.members for g in local.stage_groups(3)] == [[], [1], [2]]  # client_0 has left
+    assert [g.members for g in local.rounds.groups_at(1)] == [[0], [1], []]  # client_2 joins at stage 2
+    assert [g.members for g in local.rounds.groups_at(3)] == [[], [1], [2]]  # client_0 has left
     central = server.Runner(app, "centralized", rd)
     pooled = central.groups[0].members[0]
     # the pooled participant holds the present owners' stage data and buffers, with their budget of examples
-    assert central.stage_groups(1)[0].num_examples == 2 * 3 * 8 and central.stage_groups(2)[0].num_examples == 3 * 3 * 8
+    assert central.rounds.groups_at(1)[0].num_examples == 2 * 3 * 8 and central.rounds.groups_at(2)[0].num_examples == 3 * 3 * 8
     cur = app.continual
     sizes = [len(cur.train_rows(i, 2)) for i in (1, 2)]
     assert len(cur.train_rows(pooled, 2)) == sum(sizes) and len(cur.stage_rows(pooled, 0)) == sum(

@@ -252,7 +252,7 @@ def test_an_owners_private_state_folder_is_for_its_account_only(tmp_path):
 
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedfm.engines.flower_engine import _use_state
+    from fedfm.apps.flower import _use_state
 
     key = "ab" * 16
     app = SimpleNamespace(client_states=None)

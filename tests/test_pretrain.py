@@ -9,7 +9,7 @@ import torch
 
 from fedfm.server import with_server
 from fedfm.strategies import DiLoCo, FedAvg
-from fedfm.strategies.fedavg import apply
+from fedfm.server_opt.sgd import apply
 from fedfm.tasks.causal_lm import IGNORE, Blocks, CausalLMTask, pack_ids
 from fedfm.types import ClientUpdate, ServerState
 

@@ -10,7 +10,7 @@ import torch
 from fedfm import config
 from fedfm.errors import ConfigError
 from fedfm.privacy import dp
-from fedfm.strategies.robust import coordinate_median
+from fedfm.aggregators.robust import coordinate_median
 from fedfm.types import ClientUpdate
 
 

@@ -1,4 +1,4 @@
-"""Tests of fedfm.strategies.robust: trimmed mean, Krum / Multi-Krum, norm bounding, norm outliers, and the
+"""Tests of fedfm.aggregators.robust: trimmed mean, Krum / Multi-Krum, norm bounding, norm outliers, and the
 strategies built on them (plus Median). Plain tensors only.
 
 Every expected number is worked out by hand in a comment next to it.
@@ -14,12 +14,9 @@ import torch
 from tensors import T, upd
 from tensors import close as _close
 
-from fedfm.strategies.fedavg import weighted_mean
-from fedfm.strategies.robust import (
-    Krum,
-    Median,
-    NormBound,
-    TrimmedMean,
+from fedfm.aggregators.mean import weighted_mean
+from fedfm.strategies import Krum, Median, NormBound, TrimmedMean
+from fedfm.aggregators.robust import (
     clip_to_norm,
     coordinate_median,
     flat,

@@ -13,15 +13,14 @@ import torch
 from tensors import T, close, upd
 
 from fedfm.config import StrategyConfig
+from fedfm.registry import STRATEGIES, build_strategy
 from fedfm.strategies import (
-    STRATEGIES,
     FedAdagrad,
     FedAdam,
     FedAvg,
     FedAvgM,
     FedProx,
     FedYogi,
-    build_strategy,
     weighted_mean,
 )
 from fedfm.types import ServerState

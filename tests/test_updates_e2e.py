@@ -15,6 +15,10 @@ from test_e2e import final_state, tiny
 from fedfm import codec as messages
 from fedfm import config as config_mod
 from fedfm import server
+from fedfm.features.attack import Attack
+from fedfm.features.compression import Compression
+from fedfm.features.faults import round_seconds
+from fedfm.features.lora_ranks import LoraRanks
 from fedfm.app import App
 from fedfm.compression import KEY
 from fedfm.errors import ConfigError
@@ -43,7 +47,7 @@ def test_compressed_run_sends_exact_small_messages_and_resumes_bitwise(tmp_path,
     app = App(cfg)
     n = sum(t.numel() for t in app.initial_weights.values())
     k = -(-n // 100)  # ceil(1% of the coordinates)
-    msg, _ = app.codec.encode(app.initial_weights, torch.Generator().manual_seed(0))
+    msg, _ = app.feature(Compression).codec.encode(app.initial_weights, torch.Generator().manual_seed(0))
     size = len(messages.encode(msg))
     # top-k 1% + int8: k uint16 offsets + 1 int32 chunk count (n < 65,536 x 2) + k int8 codes + one scale per 256
     assert n < 2 * 65536 and size - (k * 2 + 2 * 4 + k + 4 * -(-k // 256)) < 400  # the rest is the JSON header
@@ -81,9 +85,9 @@ def test_non_finite_update_under_compression_is_rejected_not_fatal(tmp_path, mon
     app = App(cfg)
     honest = App._train
 
-    def exploding(self, index, task, *rest):
-        update = honest(self, index, task, *rest)
-        if index == 0 and task.round == 1:  # client_0's training blew up in round 1
+    def exploding(self, c):
+        update = honest(self, c)
+        if c.index == 0 and c.task.round == 1:  # client_0's training blew up in round 1
             name = next(iter(update.delta))
             update.delta[name] = torch.full_like(update.delta[name], float("inf"))
         return update
@@ -145,7 +149,7 @@ def test_heterogeneous_ranks_send_only_their_components(tmp_path, monkeypatch):
 
     monkeypatch.setattr(App, "client_train", spy)
     server.run_method(app, "federated", tmp_path / "r")
-    assert sorted(sent.values()) == [2, 4, 8] and sent == {app.shards[i].name: app.lora_ranks[i] for i in range(3)}
+    assert sorted(sent.values()) == [2, 4, 8] and sent == {app.shards[i].name: app.feature(LoraRanks).ranks[i] for i in range(3)}
     recs = records(tmp_path / "r")
     uniform = server.run(tiny(tmp_path / "u", "rounds=2"))
     assert recs[0]["bytes_up"] < 0.75 * records(uniform)[0]["bytes_up"]  # (2 + 4 + 8) / 24 of the LoRA bytes + head
@@ -165,7 +169,7 @@ def test_scaling_attacker_is_screened_out_by_its_norm(tmp_path):
     fed = "compare.methods=[federated]"
     run = server.run(tiny(tmp_path, "attack.kind=scaling", "attack.fraction=0.34", "federation.max_norm_ratio=5", fed))
     app_byz = App(tiny(tmp_path / "x", "attack.kind=scaling", "attack.fraction=0.34", fed))
-    (bad,) = [app_byz.shards[i].name for i in app_byz.byzantine]
+    (bad,) = [app_byz.shards[i].name for i in app_byz.feature(Attack).byzantine]
     for r in records(run):
         assert [x["client"] for x in r["rejected"]] == [bad]  # 30x the honest update: far above 5x the median
         assert "median" in r["rejected"][0]["reason"] and r["byzantine_sampled"] == 1
@@ -203,10 +207,10 @@ def test_dropouts_and_stragglers_are_excluded_logged_and_the_run_finishes(tmp_pa
         late = {s["client"] for s in r["stragglers"]}
         for s in r["stragglers"]:  # 3 local steps x 1 s x slowness > the 3.5 s deadline
             assert s["seconds"] > 3.5
-            assert s["seconds"] == pytest.approx(app.round_seconds(names[s["client"]], r["round"], None), abs=1e-3)
+            assert s["seconds"] == pytest.approx(round_seconds(app, names[s["client"]], r["round"], None), abs=1e-3)
         assert late.isdisjoint(r["clients"]) and set(r["dropped"]).isdisjoint(r["clients"])
         assert len(r["clients"]) + len(late) + len(r["dropped"]) == 6
-        assert r["round_sim_s"] == (3.5 if late else max(app.round_seconds(names[c], r["round"], None) for c in r["clients"]))
+        assert r["round_sim_s"] == (3.5 if late else max(round_seconds(app, names[c], r["round"], None) for c in r["clients"]))
         total_late += len(late)
     assert total_late > 0 and sum(len(r["dropped"]) for r in records(run)) > 0
 

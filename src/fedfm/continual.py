@@ -42,6 +42,7 @@ from fedfm import codec
 from fedfm.client import derive_seed
 from fedfm.errors import ConfigError, DataError, FedFMError
 from fedfm.models import set_weights, trainable_params
+from fedfm.protocol import FISHER as FISHER_FUNCTION  # the owners' client function, run through engine.call
 from fedfm.types import Penalty, ServerState, Weights
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ PREFIX = "cl."  # ServerState.opt keys owned by continual learning (stripped bef
 ANCHOR, PRECISION = "cl.anchor.", "cl.precision."
 MERGED, MERGED_COUNT = "cl.merged.", "cl.merged_count"  # merge: the merged task vector and how many stages it holds
 ROUND_KEY, EXAMPLES_KEY = "cl.round", "cl.examples"  # scalars riding in the Fisher request / reply messages
-FISHER_FUNCTION = "continual_fisher"  # the App's client function, run through engine.call
+
 
 
 # --------------------------------------------------------------------------- schedule and metrics (pure)

@@ -169,9 +169,9 @@ run-dir = ""
 resume = false
 """
 JOB = '"""fedfm\'s Flower apps: the round loop (ServerApp) and the client code (ClientApp) of the installed fedfm."""\n' \
-      "from fedfm.engines import flower_engine\n\n" \
-      "server_app = flower_engine.make_server_app()\n" \
-      "client_app = flower_engine.make_client_app()\n"
+      "from fedfm.apps import flower\n\n" \
+      "server_app = flower.make_server_app()\n" \
+      "client_app = flower.make_client_app()\n"
 
 
 def flwr_home(home: Path, address: str, root_certificates: Path) -> Path:

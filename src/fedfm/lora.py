@@ -45,7 +45,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedfm.strategies.fedavg import weighted_mean
+from fedfm.aggregators.mean import weighted_mean
 from fedfm.types import ClientUpdate, Weights
 
 _A, _B = ".lora_A.", ".lora_B."

@@ -7,9 +7,13 @@ bounded, disk-backed dict of tensor dicts.
 
 from __future__ import annotations
 
+import shutil
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedfm.rundir import fsync_path
@@ -164,3 +168,90 @@ class ClientStates:
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.dir.glob("*.safetensors")) if self.dir.is_dir() else 0
+
+
+class UpdateSpool:
+    """The updates of one round that an aggregator must keep whole (coordinate-wise median, Krum, norm screening,
+    LoRA products, secure aggregation's masked vectors), within a memory budget.
+
+    Entries stay in memory until ``memory_bytes`` is reached; later ones go to safetensors files and are read back
+    memory-mapped, one tensor at a time (``delta(key)`` is a lazy mapping), so an aggregator that works tensor by
+    tensor holds one tensor of each update at once, not whole updates. Nothing comes back into the budget: the spool
+    lives for one round, and ``close`` deletes its files. Written by hand: no library we use offers a bounded,
+    disk-backed list of tensor dicts readable per tensor (StateStore above reloads whole entries).
+    """
+
+    def __init__(self, memory_bytes: float, directory: Path):
+        self.memory_bytes, self.dir = memory_bytes, Path(directory)
+        self._mem: dict[str, Weights] = {}
+        self._disk: dict[str, list[str]] = {}  # key -> tensor names in its file
+        self.used = 0  # bytes held in memory
+        self.peak = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._mem or key in self._disk
+
+    def __len__(self) -> int:
+        return len(self._mem) + len(self._disk)
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{len(self._disk):06d}.safetensors"
+
+    def put(self, key: str, tensors: Weights) -> None:
+        """Keep ``tensors`` under ``key`` (a new key: an update is kept once)."""
+        if key in self:
+            raise KeyError(f"{key!r} is already in the spool")
+        size = nbytes(tensors)
+        if self.used + size <= self.memory_bytes:
+            self._mem[key] = tensors
+            self.used += size
+            self.peak = max(self.peak, self.used)
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(key)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        self._disk[key] = [str(path), *tensors]
+
+    def tensor(self, key: str, name: str) -> torch.Tensor:
+        """One tensor of one entry (read-only: a spilled one is a fresh copy, the file mapping closed at once)."""
+        if key in self._mem:
+            return self._mem[key][name]
+        path, *names = self._disk[key]
+        if name not in names:
+            raise KeyError(name)
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name).clone()  # the mapped pages are released when the file closes
+
+    def names(self, key: str) -> list[str]:
+        return list(self._mem[key]) if key in self._mem else self._disk[key][1:]
+
+    def delta(self, key: str) -> Mapping[str, torch.Tensor]:
+        """The entry as a read-only mapping whose tensors are read on access."""
+        return _LazyTensors(self, key)
+
+    @property
+    def spilled(self) -> int:
+        return len(self._disk)
+
+    def close(self) -> None:
+        """Forget every entry and delete the spill files."""
+        self._mem.clear()
+        self._disk.clear()
+        self.used = 0
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _LazyTensors(Mapping):
+    """A spool entry seen as a dict of tensors (what aggregators read as ``ClientUpdate.delta``)."""
+
+    def __init__(self, spool: UpdateSpool, key: str):
+        self.spool, self.key = spool, key
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.spool.tensor(self.key, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.spool.names(self.key))
+
+    def __len__(self) -> int:
+        return len(self.spool.names(self.key))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fedfm.data.corpora import _apt_download, _run, build_dir_atomically
 from fedfm.data.fetch import cache_dir
+from fedfm.data.jsonl import read_jsonl
 from fedfm.errors import DataError
 
 COLLECTIONS = {"foldoc": "dict-foldoc", "elements": "dict-elements"}
@@ -212,8 +213,6 @@ def load_collection(name: str, path: str | Path | None = None, max_owners: int |
             raise DataError(f"{name} collection not fetched: run `fedfm data fetch --corpus {name}`")
     if not file.is_file():
         raise DataError(f'collection file not found: "{file}"')
-    from fedfm.data.sources import read_jsonl
-
     records, lines = read_jsonl(file, f'"{file}"')
     for r, no in zip(records, lines):
         if not isinstance(r.get("text"), str) or not r["text"].strip():

@@ -92,16 +92,7 @@ def split(
     3. each shard -> client train/test by ``cfg.client_test_fraction`` (>= 1 train kept).
     Raises :class:`DataError` when a partitioner fails or a client ends up without training data.
     """
-    from datasets import Dataset
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        NaturalIdPartitioner,
-        SizePartitioner,
-    )
-
     n = len(ds)
-    method = cfg.partition
     global_test = _stratified_holdout(ds.labels, cfg.test_fraction, np.random.default_rng([seed, _STEP_TEST]))
     if len(global_test) == 0:
         raise DataError(f"global test set is empty: test_fraction={cfg.test_fraction} of {n} examples rounds to 0")
@@ -115,10 +106,17 @@ def split(
     server, pool = np.sort(pool[:n_server]), pool[n_server:]
     if server_fraction > 0 and n_server == 0:
         raise DataError(f"server_data.fraction={server_fraction} of {len(pool)} training examples rounds to 0")
-    columns = {"label": ds.labels[pool], "idx": pool}
-    if ds.keys is not None:
-        columns["key"] = [str(k) for k in ds.keys[pool]]
+    names = _client_names(ds, cfg.partition, num_clients, len(pool))
+    shards = _partition(ds, cfg, pool, names, seed)
+    client_train, client_test = _train_test(shards, names, cfg, seed, f"({len(pool)} training-pool examples over "
+                                            f"{len(names)} clients)")
+    return FederatedSplit(
+        global_test=global_test, client_train=client_train, client_test=client_test, client_names=names, server=server
+    )
 
+
+def _client_names(ds: TextDataset, method: str, num_clients: int | None, pool_size: int) -> list[str]:
+    """One name per client: the natural keys (partition=natural), else client_0 .. client_{k-1}."""
     if method == "natural":
         if ds.keys is None:
             raise DataError(
@@ -131,51 +129,56 @@ def split(
                 f"partition=natural found {len(names)} keys but federation.num_clients={num_clients}; "
                 f"set federation.num_clients to {len(names)} or null (one client per key)"
             )
-    else:
-        if num_clients is None:
-            raise DataError(f"partition={method} needs federation.num_clients")
-        names = [f"client_{i}" for i in range(num_clients)]
-    k = len(names)
-    if method != "natural" and k > len(pool):
+        return names
+    if num_clients is None:
+        raise DataError(f"partition={method} needs federation.num_clients")
+    if num_clients > pool_size:
         # Some client must stay empty; IidPartitioner would raise an opaque IndexError here.
         raise DataError(
-            f"client {names[-1]} has no training examples after {method} partitioning "
-            f"({len(pool)} training-pool examples over {k} clients); {_advice(method)}"
+            f"client client_{num_clients - 1} has no training examples after {method} partitioning "
+            f"({pool_size} training-pool examples over {num_clients} clients); {_advice(method)}"
         )
+    return [f"client_{i}" for i in range(num_clients)]
 
+
+def _partition(ds: TextDataset, cfg: DataConfig, pool: np.ndarray, names: list[str], seed: int) -> list[np.ndarray]:
+    """Each client's dataset indices, from flwr-datasets' partitioner for ``cfg.partition``."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, SizePartitioner
+
+    method, k = cfg.partition, len(names)
+    columns = {"label": ds.labels[pool], "idx": pool}
+    if ds.keys is not None:
+        columns["key"] = [str(x) for x in ds.keys[pool]]
     pool_ds = Dataset.from_dict(columns)
     try:
         if method == "iid":
-            shards = _run_partitioner(IidPartitioner(num_partitions=k), pool_ds)
-        elif method == "dirichlet":
-            part = DirichletPartitioner(
-                num_partitions=k,
-                partition_by="label",
-                alpha=float(cfg.alpha),
-                min_partition_size=cfg.min_partition_size,
-                self_balancing=False,
-                seed=seed,
-            )
-            shards = _run_partitioner(part, pool_ds)
-        elif method == "natural":
+            return _run_partitioner(IidPartitioner(num_partitions=k), pool_ds)
+        if method == "dirichlet":
+            part = DirichletPartitioner(num_partitions=k, partition_by="label", alpha=float(cfg.alpha),
+                                        min_partition_size=cfg.min_partition_size, self_balancing=False, seed=seed)
+            return _run_partitioner(part, pool_ds)
+        if method == "natural":
             part = NaturalIdPartitioner(partition_by="key")
             found = _run_partitioner(part, pool_ds)
             # A key whose examples all went to the global test set has no partition: give it an empty shard.
             by_key = {part.partition_id_to_natural_id[i]: idx for i, idx in enumerate(found)}
-            shards = [by_key.get(name, np.empty(0, dtype=np.int64)) for name in names]
-        elif method == "quantity":
+            return [by_key.get(name, np.empty(0, dtype=np.int64)) for name in names]
+        if method == "quantity":
             sizes = _quantity_sizes(len(pool), k, cfg.alpha, np.random.default_rng([seed, _STEP_SIZES]))
             # SizePartitioner takes exact sizes (IdToSizeFncPartitioner derives sizes from a function
             # of the client id and dumps the rounding remainder on the last client, so it does not fit).
             # It cuts contiguous ranges, which are random because the pool was shuffled above.
-            shards = _run_partitioner(SizePartitioner(partition_sizes=sizes), pool_ds)
-        else:  # unreachable through DataConfig validation
-            raise DataError(f"unknown partition {method!r}")
+            return _run_partitioner(SizePartitioner(partition_sizes=sizes), pool_ds)
     except ValueError as exc:
         raise DataError(
             f"{method} partitioning of {len(pool)} examples over {k} clients failed ({exc}); {_advice(method)}"
         ) from None
+    raise DataError(f"unknown partition {method!r}")  # unreachable through DataConfig validation
 
+
+def _train_test(shards: list[np.ndarray], names: list[str], cfg: DataConfig, seed: int, where: str):
+    """Each shard -> (train, test) by ``cfg.client_test_fraction``; every client keeps at least one train example."""
     rng = np.random.default_rng([seed, _STEP_CLIENT])
     client_train, client_test = [], []
     for name, shard in zip(names, shards):
@@ -185,13 +188,9 @@ def split(
         client_test.append(np.sort(shard[:n_test]).astype(np.int64))
         client_train.append(np.sort(shard[n_test:]).astype(np.int64))
         if len(client_train[-1]) == 0:
-            raise DataError(
-                f"client {name} has no training examples after {method} partitioning "
-                f"({len(pool)} training-pool examples over {k} clients); {_advice(method)}"
-            )
-    return FederatedSplit(
-        global_test=global_test, client_train=client_train, client_test=client_test, client_names=names, server=server
-    )
+            raise DataError(f"client {name} has no training examples after {cfg.partition} partitioning {where}; "
+                            f"{_advice(cfg.partition)}")
+    return client_train, client_test
 
 
 def _advice(method: str) -> str:

@@ -10,7 +10,6 @@ pairs (``foldoc``, ``chatterbot``; see :mod:`fedfm.data.instructions`) and gener
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 
 from fedfm.config import COLLECTIONS, DataConfig
 from fedfm.data.fetch import bbc_dir, tweets_path
+from fedfm.data.jsonl import read_jsonl
 from fedfm.errors import DataError
 
 
@@ -199,37 +199,6 @@ def _load_csv(path: Path, cfg: DataConfig) -> TextDataset:
         raise DataError(f"{where}: malformed CSV: {str(exc).strip().splitlines()[-1]}") from None
     # Rows are numbered as data rows; with a header line, file line = row + 1 (barring multi-line cells).
     return _from_frame(df, cfg, path.stem, where, row_word="data row")
-
-
-def read_jsonl(path: Path, where: str) -> tuple[list[dict], list[int]]:
-    """JSON objects of a JSONL file and their line numbers; any bad line is a one-line DataError naming it.
-
-    Parsed line by line (not pandas.read_json) so that errors can name the line.
-    """
-    records, lines = [], []
-    try:
-        fh = open(path, "rb")  # noqa: SIM115  (closed by the with below; open errors become one line)
-    except OSError as exc:
-        raise DataError(f"cannot read {where}: {exc.strerror}") from None
-    with fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{where} is not valid UTF-8: line {lineno}, byte {raw[exc.start]:#04x} at column {exc.start + 1}"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where} line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where} line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
-            lines.append(lineno)
-    return records, lines
 
 
 def _load_jsonl(path: Path, cfg: DataConfig) -> TextDataset:

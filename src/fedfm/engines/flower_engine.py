@@ -1,11 +1,9 @@
-"""The Flower engine: fedfm's round loop as a Flower ServerApp, fedfm's client code as a Flower ClientApp.
+"""The Flower engine: client tasks as Flower messages to the owners' SuperNodes, through a ServerApp's ``Grid``.
 
-The ServerApp (``server_app``) builds the run's App and runs fedfm's own ``Runner`` (the round loop of every
-engine); the only difference is this engine, which sends each client task through Flower's ``Grid`` as a
-``Message`` to the SuperNode of the owner it is for, and turns the replies back into ``ClientUpdate``\\ s. The
-ClientApp (``client_app``), run by each owner's SuperNode, builds the owner's App from the private directory in
-its node config (``data-dir``) and calls the same ``App.client_train`` / ``client_evaluate`` as every engine.
-No training or aggregation code lives here.
+fedfm's own round loop runs inside Flower's ServerApp (``fedfm.apps.flower``); this engine only sends each client
+task as a ``Message`` to the SuperNode of the owner it is for and turns the replies back into ``ClientUpdate``\\ s,
+yielded as they arrive. The ClientApp (also in ``fedfm.apps.flower``) answers with the same ``App.client_train``
+/ ``client_evaluate`` as every engine. No training or aggregation code lives here.
 
 Wire format: tensors travel as Flower ``ArrayRecord``\\ s (Flower splits large arrays into chunks on the wire),
 scalars and JSON in ``ConfigRecord``\\ s. numpy has no bfloat16, so a bf16 tensor travels as its int16 bit pattern
@@ -24,11 +22,9 @@ from __future__ import annotations
 import json
 import math
 import logging
-import os
-import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -262,32 +258,8 @@ class FlowerEngine:
 
     # -- exchanging messages
     def _exchange(self, messages: list[tuple[int, object]]) -> dict[int, object]:
-        """Send (index, message) pairs; the replies that came back without error, by index.
-
-        Owners whose node the SuperLink no longer lists as connected are not sent anything (they vanished)."""
-        online = set(self.grid.get_node_ids())
-        for index, m in messages:
-            if m.metadata.dst_node_id not in online:
-                log.warning("owner %d: its node %d is offline", index, m.metadata.dst_node_id)
-        messages = [(i, m) for i, m in messages if m.metadata.dst_node_id in online]
-        replies = {}
-        out = [m for _, m in messages]
-        got = list(self.grid.send_and_receive(out, timeout=self.timeout)) if out else []
-        # a reply names the message it answers (an error the SuperLink sends for a dead node comes from the
-        # SuperLink itself, not from the node); message ids are assigned when the grid pushes the messages
-        by_id = {m.metadata.message_id: index for index, m in messages}
-        for reply in got:
-            index = by_id.get(reply.metadata.reply_to_message_id)
-            if index is None:
-                continue
-            if reply.has_error():
-                log.warning("owner %d failed: %s", index, reply.error.reason)
-                continue
-            replies[index] = reply
-        for index, _ in messages:
-            if index not in replies:
-                log.warning("owner %d sent no reply this round (vanished or failed)", index)
-        return replies
+        """Send (index, message) pairs; the replies that came back without error, by index."""
+        return dict(self._stream(messages))
 
     def _message(self, index: int, content, kind: str):
         from flwr.app import ConfigRecord, Message
@@ -310,24 +282,19 @@ class FlowerEngine:
             atomic_write_text(path, json.dumps({"state_key": self.state_key}))
         self.key_kept = path.is_file()
 
-    def train(
-        self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
-    ) -> tuple[list[ClientUpdate], int]:
-        from fedfm import codec
-        from fedfm.compression import cast_broadcast
-        from fedfm.engines.common import Broadcast
-
+    def train(self, jobs: list[tuple[int, ClientTask]], downlink) -> Iterator[tuple[int, ClientUpdate | None]]:
+        """Send every task, then yield (index, update or None) as the owners' replies arrive."""
         self.remember_state_key()
         if not self.app.cfg.secagg.enabled:  # under secure aggregation the round's keys were set up before this
             self.discover_new()
-        down, cast = Broadcast(self.app), {}
+        once: dict[int, Weights] = {}
 
         def sent(tensors: Weights) -> Weights:
             """``tensors`` in the downlink precision, once per distinct dict; its bytes counted per receiver."""
-            down.message(tensors)
-            if id(tensors) not in cast:
-                cast[id(tensors)] = cast_broadcast(tensors, down.precision)
-            return cast[id(tensors)]
+            downlink.count(tensors)
+            if id(tensors) not in once:
+                once[id(tensors)] = downlink.cast(tensors)
+            return once[id(tensors)]
 
         messages = []
         for index, task in jobs:
@@ -338,27 +305,68 @@ class FlowerEngine:
             content = task_content(task, index, weights, control)
             self.wire_bytes["down"] += payload_bytes(content)
             messages.append((index, self._message(index, content, "train")))
-        replies = self._exchange(messages)
-        updates = []
+        once.clear()  # the cast copies: the messages hold what they need
+        answered = set()
+        for index, reply in self._stream(messages):
+            answered.add(index)
+            yield index, self._update(index, reply)
         for index, _ in jobs:
-            if index in replies:
-                content = replies[index].content
-                try:
-                    update, delta = update_from_content(content)
-                except (KeyError, TypeError, ValueError) as exc:  # a broken node's reply: that owner is rejected
-                    log.warning("owner %d sent a malformed update: %r", index, exc)
+            if index not in answered:
+                yield index, None
+
+    def _update(self, index: int, reply) -> ClientUpdate | None:
+        """An owner's training reply as the server holds it, or None when it is malformed."""
+        from fedfm import codec
+
+        content = reply.content
+        try:
+            update, delta = update_from_content(content)
+        except (KeyError, TypeError, ValueError) as exc:  # a broken node's reply: that owner is rejected
+            log.warning("owner %d sent a malformed update: %r", index, exc)
+            return None
+        self.wire_bytes["up"] += payload_bytes(content)
+        self.node_seconds.append({k: update.metrics.pop(k, None) for k in ("node_setup_s", "node_train_s")})
+        # who sent it is the server's knowledge (the node it asked), never the node's own claim
+        update.client = self.app.shards[index].name
+        if "client_index" in update.metrics:
+            update.metrics["client_index"] = index
+        # bytes_up: the length of the same serialized message every engine counts
+        return replace(update, delta=delta, bytes_up=len(codec.encode(delta)))
+
+    def _stream(self, messages: list[tuple[int, object]]) -> Iterator[tuple[int, object]]:
+        """Push (index, message) pairs; yield (index, reply) for each reply that came back without error, as it
+        arrives, until all answered or ``engine.timeout_s`` passed (Flower's own ``send_and_receive`` waits for all
+        and polls every 3 s). Owners whose node is no longer connected are sent nothing (they vanished)."""
+        online = set(self.grid.get_node_ids())
+        for index, m in messages:
+            if m.metadata.dst_node_id not in online:
+                log.warning("owner %d: its node %d is offline", index, m.metadata.dst_node_id)
+        messages = [(i, m) for i, m in messages if m.metadata.dst_node_id in online]
+        if not messages:
+            return
+        # message ids are assigned when the grid pushes the messages; a reply names the message it answers (an
+        # error the SuperLink sends for a dead node comes from the SuperLink itself, not from the node)
+        ids = list(self.grid.push_messages([m for _, m in messages]))
+        by_id = {mid: index for mid, (index, _) in zip(ids, messages)}
+        pending, deadline, wait = set(by_id), time.monotonic() + self.timeout, 0.05
+        while pending and time.monotonic() < deadline:
+            got = list(self.grid.pull_messages(list(pending)))
+            for reply in got:
+                mid = reply.metadata.reply_to_message_id
+                if mid not in pending:
                     continue
-                self.wire_bytes["up"] += payload_bytes(content)
-                self.node_seconds.append({k: update.metrics.pop(k, None) for k in ("node_setup_s", "node_train_s")})
-                # who sent it is the server's knowledge (the node it asked), never the node's own claim
-                update.client = self.app.shards[index].name
-                if "client_index" in update.metrics:
-                    update.metrics["client_index"] = index
-                # bytes_up: the length of the same serialized message every engine counts
-                updates.append(replace(update, delta=delta, bytes_up=len(codec.encode(delta))))
-                if on_done:
-                    on_done(updates[-1])
-        return updates, down.bytes
+                pending.discard(mid)
+                if reply.has_error():
+                    log.warning("owner %d failed: %s", by_id[mid], reply.error.reason)
+                    continue
+                yield by_id[mid], reply
+            if pending and not got:
+                time.sleep(wait)
+                wait = min(1.0, wait * 2)  # quick answers are picked up at once, slow rounds polled every second
+            elif got:
+                wait = 0.05
+        for mid in sorted(pending, key=lambda m: by_id[m]):
+            log.warning("owner %d sent no reply this round (vanished or failed)", by_id[mid])
 
     def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
         from flwr.app import ConfigRecord, RecordDict
@@ -394,205 +402,3 @@ class FlowerEngine:
         if missing:
             log.warning("no final evaluation from %s (left out of own_mean)", ", ".join(missing))
         return out
-
-
-# --- the Flower apps ------------------------------------------------------------------------------------
-def _run_config(context) -> tuple[dict, dict]:
-    rc = context.run_config
-    if "fedfm-config" not in rc:
-        raise FedFMError("the Flower run has no 'fedfm-config': submit it with `fedfm run CONFIG --engine flower`")
-    config = json.loads(rc["fedfm-config"])
-    return config, rc
-
-
-def make_server_app():
-    """The ServerApp: fedfm's round loop with this engine."""
-    from flwr.serverapp import ServerApp
-
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid, context) -> None:
-        from fedfm import server
-        from fedfm.app import App
-        from fedfm.config import RunConfig
-        from fedfm.engines import close_engine
-        from fedfm.rundir import atomic_write_text
-
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        logging.getLogger("fedfm").setLevel(logging.INFO)
-        config, rc = _run_config(context)
-        cfg = RunConfig.model_validate(config)
-        run_dir = Path(str(rc["run-dir"]))
-        if not rc.get("resume") and run_dir.exists() and any(run_dir.iterdir()):
-            raise FedFMError(f"run directory {run_dir} already exists on the SuperLink's machine")
-        app = App(cfg)
-        engine = FlowerEngine(app, grid)
-        app._engine = engine  # a resumed run's state key is read back from the run directory by the engine
-        try:
-            if rc.get("resume"):
-                server.resume(app, run_dir)
-            else:
-                server.run_method(app, "federated", run_dir)
-        finally:
-            if run_dir.is_dir():
-                atomic_write_text(run_dir / "nodes.json", json.dumps(
-                    {"owners": engine.roster, "wire_bytes": engine.wire_bytes, "node_seconds": engine.node_seconds},
-                    indent=1))
-            close_engine(app)
-
-    return server_app
-
-
-_OWNER_APPS: dict[tuple, object] = {}
-
-
-def _data_dir(context) -> str:
-    data_dir = context.node_config.get("data-dir")
-    if not data_dir:
-        raise FedFMError("this SuperNode has no data-dir in its node config: start it with "
-                         "`fedfm deploy supernode --data DIR`")
-    return str(data_dir)
-
-
-def _owner_app(context):
-    """The owner's App for this run (kept for the process's life; Flower starts one ClientApp process per
-    message, so each message pays for loading the model, which is memory-mapped from safetensors)."""
-    from fedfm.app import App
-    from fedfm.config import RunConfig
-    config, _ = _run_config(context)
-    data_dir = _data_dir(context)
-    key = (json.dumps(config, sort_keys=True), str(data_dir))
-    if key not in _OWNER_APPS:
-        t0 = time.perf_counter()
-        config["engine"] = {**config["engine"], "name": "embedded"}
-        threads = os.environ.get("FEDFM_THREADS")
-        if threads:
-            config["engine"]["threads"] = int(threads)
-        cfg = RunConfig.model_validate(config)
-        app = App(cfg, owner=Path(str(data_dir)))
-        app.uplink = True
-        app.setup_s = time.perf_counter() - t0  # what this message paid to load the owner's App
-        _OWNER_APPS[key] = app
-    return _OWNER_APPS[key]
-
-
-def _use_state(app, context, msg) -> None:
-    """Point the owner's private state across rounds (error feedback, SCAFFOLD's c_i, a secure-aggregation
-    round's secrets) at this run's folder on the owner's machine; the run's key is checked to be a plain name."""
-    from fedfm.store import ClientStates
-
-    key = str(msg.content.config_records["fedfm"]["state-key"])
-    if not re.fullmatch(r"[0-9a-f]{32}", key):
-        raise FedFMError("malformed run state key")
-    root = Path(str(context.node_config.get("state-dir") or Path(_data_dir(context)) / ".fedfm-state"))
-    if app.client_states is None or app.client_states.dir != root / key:
-        # the state holds the owner's DP noise secret: for the owner's account only (a state-dir the operator made
-        # keeps its own mode; the run's folder in it is always 0700)
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (root / key).mkdir(mode=0o700, exist_ok=True)
-        (root / key).chmod(0o700)
-        app.client_states = ClientStates(root / key)
-
-
-class _SecAggState:
-    """A secure-aggregation round spans several messages, and Flower runs each message in a fresh ClientApp
-    process: the owner's round state (its keys, the shares it holds) is kept between them in the owner's own
-    state directory (mode 0600), and deleted when the round's last step has used it."""
-
-    def __init__(self, app):
-        self.app, self.path = app, app.client_states.dir / "secagg.pkl"
-
-    def __enter__(self):
-        import fcntl
-        import pickle
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = open(self.path.with_suffix(".lock"), "w")  # one protocol step at a time per owner
-        fcntl.flock(self.lock, fcntl.LOCK_EX)
-        # written only by this owner's own ClientApp, in its own state folder (mode 0600)
-        self.app._secagg = pickle.loads(self.path.read_bytes()) if self.path.is_file() else {}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import pickle
-        import tempfile
-
-        try:
-            if not self.app._secagg:  # unmasked (the state is consumed) or never started
-                self.path.unlink(missing_ok=True)
-                return
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".secagg.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(pickle.dumps(self.app._secagg))
-            os.replace(tmp, self.path)
-        finally:
-            self.lock.close()
-
-
-def make_client_app():
-    """The ClientApp: fedfm's client functions on the owner's data."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.clientapp import ClientApp
-
-    client_app = ClientApp()
-
-    def check_index(app, index: int) -> None:
-        if index != app.owner["index"]:
-            raise FedFMError(f"task for owner {index} reached the node of owner {app.owner['index']}")
-
-    @client_app.query("hello")
-    def hello(msg: Message, context) -> Message:
-        """Which owner this node serves, checked against the run; reads owner.json only (no model, no torch)."""
-        from fedfm.owner import check_owner, count_rows
-
-        config, _ = _run_config(context)
-        d = Path(str(_data_dir(context)))
-        want = int(msg.content.config_records["hello"]["num_clients"])  # the size of the coordinator's split
-        o = check_owner(d, config.get("task", "classification"), want)
-        info = {"index": o["index"], "name": o["name"], "n_train": count_rows(d / "train.jsonl"),
-                "n_test": count_rows(d / "test.jsonl")}
-        return Message(RecordDict({"owner": ConfigRecord(info)}), reply_to=msg)
-
-    @client_app.train()
-    def train(msg: Message, context) -> Message:
-        from fedfm.errors import ClientDropout
-
-        app = _owner_app(context)
-        _use_state(app, context, msg)
-        index, task = task_from_content(msg.content)
-        check_index(app, index)
-        t0 = time.perf_counter()
-        try:
-            with _SecAggState(app):  # a masked update needs this round's secure-aggregation keys
-                update = app.client_train(index, task)
-        except ClientDropout as exc:
-            raise FedFMError(f"owner {index} left the round: {exc}") from None
-        update.metrics.update(node_setup_s=app.setup_s, node_train_s=time.perf_counter() - t0)
-        return Message(update_content(update, update.delta), reply_to=msg)
-
-    @client_app.evaluate()
-    def evaluate(msg: Message, context) -> Message:
-        app = _owner_app(context)
-        index = int(msg.content.config_records["fedfm"]["index"])
-        check_index(app, index)
-        weights = {k: v.float() for k, v in from_record(msg.content.array_records["weights"]).items()}
-        metrics = app.client_evaluate(index, weights)
-        return Message(RecordDict({"metrics": ConfigRecord({"json": json.dumps(metrics)})}), reply_to=msg)
-
-    @client_app.query("call")
-    def call(msg: Message, context) -> Message:
-        app = _owner_app(context)
-        _use_state(app, context, msg)
-        c = msg.content.config_records["call"]
-        index, fn = int(c["index"]), str(c["fn"])
-        check_index(app, index)
-        from fedfm.app import PROTOCOL_FUNCTIONS
-
-        if fn not in PROTOCOL_FUNCTIONS:
-            raise FedFMError(f"unknown client function {fn!r}")
-        with _SecAggState(app):
-            reply = getattr(app, fn)(index, bytes(c["payload"]))
-        return Message(RecordDict({"reply": ConfigRecord({"payload": bytes(reply)})}), reply_to=msg)
-
-    return client_app

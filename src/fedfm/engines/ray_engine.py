@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import replace
 
-from fedfm.engines.common import Broadcast, check_protocol, received, train_at_client
+from fedfm.engines.common import Broadcast, check_protocol, received, serialized, train_at_client
 from fedfm.errors import ClientDropout, FedFMError
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
@@ -61,12 +61,13 @@ class _Worker:
 
     def train(self, context: tuple, index: int, task: ClientTask, weights: Weights):
         self._sync(context)
-        return train_at_client(self.app, index, replace(task, weights=weights))
+        update = train_at_client(self.app, index, replace(task, weights=weights))
+        return serialized(update) if update is not None else None
 
     def call(self, context: tuple, fn: str, index: int, payload: bytes) -> bytes | None:
         self._sync(context)
         try:
-            return bytes(getattr(self.app, fn)(index, payload))
+            return bytes(self.app.call(fn, index, payload))
         except ClientDropout:
             return None
 
@@ -143,9 +144,9 @@ class RayEngine:
     def _actor(self, index: int):
         return self.actors[index % self.workers]
 
-    def _gather(self, refs: list, on_done: Callable | None = None) -> list:
-        """Results in job order; ``on_done(i, result)`` as each arrives."""
-        ray, pending, out = self.ray, list(refs), {}
+    def _arrivals(self, refs: list) -> Iterator[tuple[int, object]]:
+        """(position in ``refs``, result) as each result arrives."""
+        ray, pending = self.ray, list(refs)
         where = {r: i for i, r in enumerate(refs)}
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=self.result_timeout)
@@ -154,29 +155,31 @@ class RayEngine:
                                  f"({len(pending)} of {len(refs)} jobs outstanding)")
             for r in done:
                 try:
-                    out[where[r]] = ray.get(r)
+                    result = ray.get(r)
                 except ray.exceptions.RayTaskError:
                     raise  # the client code's own exception (a data error, ...), re-raised as its type
                 except ray.exceptions.RayError as exc:  # an actor died, ran out of memory, lost the object
                     raise FedFMError(f"Ray lost a client's result: {type(exc).__name__}: {exc}") from exc
-                if on_done:
-                    on_done(where[r], out[where[r]])
+                yield where[r], result
+
+    def _gather(self, refs: list) -> list:
+        """Every result, in job order."""
+        out = dict(self._arrivals(refs))
         return [out[i] for i in range(len(refs))]
 
-    def train(
-        self, jobs: list[tuple[int, ClientTask]], on_done: Callable[[ClientUpdate], None] | None = None
-    ) -> tuple[list[ClientUpdate], int]:
-        """Every job submitted at once (each actor runs its clients in order); updates returned in job order."""
-        down, context, shared = Broadcast(self.app), self._context(), {}
+    def train(self, jobs: list[tuple[int, ClientTask]], downlink: Broadcast) -> Iterator[tuple[int, ClientUpdate | None]]:
+        """Every job submitted at once (each actor runs its clients in order); (index, update or None) yielded as
+        each result arrives, so the round folds them in while the others still train."""
+        context, shared = self._context(), {}
         refs = []
         for index, task in jobs:
-            task = down.task(task)
+            task = downlink.task(task)
             key = id(task.weights)  # the decoded broadcast is put in the object store once, not once per client
             if key not in shared:
                 shared[key] = self.ray.put(task.weights)
             refs.append(self._actor(index).train.remote(context, index, replace(task, weights={}), shared[key]))
-        results = self._gather(refs, (lambda i, res: on_done(received(*res)) if res else None) if on_done else None)
-        return [received(*res) for res in results if res is not None], down.bytes
+        for at, result in self._arrivals(refs):
+            yield jobs[at][0], received(*result) if result is not None else None
 
     def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
         check_protocol(fn)

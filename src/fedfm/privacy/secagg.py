@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -721,7 +722,7 @@ class SecAggServer:
     """
 
     def __init__(self, session: bytes, params: SecAggParams, client_ids: list[int], length: int,
-                 graph_seed: bytes, seen_digests: set[bytes] | None = None) -> None:
+                 graph_seed: bytes, seen_digests: set[bytes] | None = None, spool=None) -> None:
         _check_session(session)
         for cid in client_ids:
             _check_id(cid)
@@ -741,7 +742,8 @@ class SecAggServer:
         self._outgoing: dict[int, dict[int, bytes]] = {}  # U2 candidates: sender -> recipient -> ciphertext
         self._holders: dict[int, list[int]] = {}  # U2: id -> neighbours in U2 (hold its shares, masked with it)
         self._spoken: set[int] = set()  # clients that sent something in the current stage
-        self._masked: dict[int, np.ndarray] = {}  # U3
+        self._masked: dict[int, np.ndarray | str] = {}  # U3: the vector, or its key in the spool
+        self._spool = spool  # a fedfm.store.UpdateSpool: masked vectors within a memory budget, the rest on disk
         self._requested: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
         self._shares: dict[str, dict[int, dict[int, bytes]]] = {"b": {}, "s": {}}  # kind -> owner -> {x: share}
         self._result: np.ndarray | None = None
@@ -892,8 +894,24 @@ class SecAggServer:
         if digest in self._seen:
             return self._reject(cid, "replayed vector: identical to a masked vector received earlier")
         self._seen.add(digest)
-        self._masked[cid] = np.frombuffer(m.data, dtype="<u8")
+        vector = np.frombuffer(m.data, dtype="<u8")
+        if self._spool is None:
+            self._masked[cid] = vector
+        else:  # kept as int64 bits (safetensors has no uint64 for torch), read back bit for bit
+            key = f"{cid}.{len(self._spool)}"
+            self._spool.put(key, {"v": torch.from_numpy(vector.view(np.int64).copy())})
+            self._masked[cid] = key
         return None
+
+    def _vector(self, cid: int) -> np.ndarray:
+        v = self._masked[cid]
+        return v if isinstance(v, np.ndarray) else self._spool.tensor(v, "v").numpy().view(np.uint64)
+
+    def close(self) -> None:
+        """Let the round's masked vectors go (the spool's files are deleted)."""
+        self._masked.clear()
+        if self._spool is not None:
+            self._spool.close()
 
     def _bad_vector(self, m: MaskedInput) -> str | None:
         if m.dtype != "<u8":
@@ -960,7 +978,7 @@ class SecAggServer:
             raise SecAggError(f"server: result() needs stage 4, server is at stage {self._stage}")
         total = np.zeros(self.length, dtype=np.uint64)
         for i in self.survivors:
-            _iadd(total, self._masked[i])
+            _iadd(total, self._vector(i))
         for i in self.survivors:
             _isub(total, prg(self._recover(i, "b"), self.length))
         for j in sorted(set(self._holders) - set(self._masked)):

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from fedfm.config import Section, _format_error, apply_overrides, read_yaml_mapping
+from fedfm.config import Section, apply_overrides, format_error, read_yaml_mapping
 from fedfm.errors import ConfigError
 
 
@@ -156,7 +156,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> RagConfig:
     try:
         return RagConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(format_error(err, RagConfig)) from None
 
 
 def save(cfg: RagConfig, path: str | Path) -> None:

@@ -68,6 +68,8 @@ def pack(tokenizer, texts: list[str], block_size: int) -> Blocks:
 class CausalLMTask:
     """Batches, loss and metrics (token loss, perplexity, next-token accuracy) for ``*ForCausalLM`` models."""
 
+    record_metrics: tuple[str, ...] = ("perplexity",)  # what a round record shows beside loss and accuracy
+
     @staticmethod
     def batch(data: Blocks, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         lengths = data.lengths[idx]

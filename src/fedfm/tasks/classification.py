@@ -41,6 +41,8 @@ def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> 
 class ClassificationTask:
     """Batches, loss and metrics for sequence classification (any HF ``*ForSequenceClassification``)."""
 
+    record_metrics: tuple[str, ...] = ()  # what a round record shows beside loss, accuracy and macro F1
+
     def __init__(self, num_labels: int):
         self.num_labels = num_labels
 

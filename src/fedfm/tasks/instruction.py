@@ -112,6 +112,8 @@ def normalise(text: str) -> str:
 class InstructionTask:
     """Batches, response-only loss and metrics for chat models (``*ForCausalLM``, optionally peft-wrapped)."""
 
+    record_metrics: tuple[str, ...] = ("perplexity", "rougeL", "exact_match")  # beside loss and accuracy
+
     def __init__(self, tokenizer, generate: int = 32, max_new_tokens: int = 48):
         from rouge_score import rouge_scorer
 

@@ -99,6 +99,8 @@ def ranking_metrics(scores: torch.Tensor, target: torch.Tensor, ks: tuple[int, .
 class RetrievalTask:
     """Batches, loss (in-batch-negatives InfoNCE) and metrics (recall@1, recall@5, MRR) for a sentence encoder."""
 
+    record_metrics: tuple[str, ...] = RETRIEVAL_METRICS  # what a round record shows beside the loss
+
     def __init__(self, scale: float = SCALE):
         self.scale = scale
 

@@ -2,54 +2,29 @@
 
 Coordinate-wise median and trimmed mean (Yin et al. 2018), Krum / Multi-Krum (Blanchard et al. 2017) and norm
 bounding (Sun et al. 2019). Each tolerates a minority of arbitrary (Byzantine) updates; none can run on a securely
-aggregated or DP-noised sum, hence ``needs_individual_updates``.
+aggregated or DP-noised sum, hence ``needs_individual_updates``. Their folds keep the round's updates in an
+``UpdateSpool`` (memory budget, then memory-mapped files) and every statistic below reads them one tensor at a
+time, so a round holds all clients' copies of one tensor at once, not all their updates.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
+from fedfm.aggregators.base import Aggregate, FoldContext, keep
+from fedfm.aggregators.mean import MeanFold
 from fedfm.compression import flatten
 from fedfm.privacy.dp import clip, global_norm
-from fedfm.strategies.fedavg import apply, weighted_mean
-from fedfm.types import ClientUpdate, ServerState, Weights
+from fedfm.store import UpdateSpool
+from fedfm.types import ClientUpdate, Weights
 
 log = logging.getLogger("fedfm")
-
-
-def coordinate_median(updates: list[ClientUpdate]) -> Weights:
-    """Coordinate-wise median of the deltas (Yin et al. 2018); an even count averages the two middle values."""
-    if not updates:
-        raise ValueError("cannot aggregate zero updates")
-    ordered = sorted(updates, key=lambda u: u.client)
-    n = len(ordered)
-    out: Weights = {}
-    for k in ordered[0].delta:
-        # sort rather than torch.median (which returns the lower middle value) or torch.quantile (size-limited)
-        s = torch.stack([u.delta[k].float() for u in ordered]).sort(dim=0).values
-        out[k] = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-    return out
-
-
-@dataclass(frozen=True)
-class Median:
-    """w <- w + server_lr * median(delta): unweighted, tolerant of a minority of arbitrary updates."""
-
-    server_lr: float = 1.0
-    needs_individual_updates = True  # cannot run on a securely aggregated or DP-noised sum
-
-    def init(self, weights: Weights) -> Weights:
-        return {}
-
-    def client_options(self) -> dict:
-        return {}
-
-    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
-        return ServerState(state.round + 1, apply(state.weights, coordinate_median(updates), self.server_lr), dict(state.opt))
 
 
 # --- shared helpers ------------------------------------------------------------------------------
@@ -80,7 +55,24 @@ def _norm(delta: Weights) -> float:
     return global_norm(delta) if delta else 0.0
 
 
-# --- coordinate-wise trimmed mean ----------------------------------------------------------------
+def _stacked(ordered: list[ClientUpdate], name: str) -> torch.Tensor:
+    """Every client's copy of one tensor, stacked (clients x shape): the most a robust statistic holds at once."""
+    return torch.stack([u.delta[name].float() for u in ordered])
+
+
+# --- coordinate-wise median and trimmed mean -----------------------------------------------------
+
+
+def coordinate_median(updates: list[ClientUpdate]) -> Weights:
+    """Coordinate-wise median of the deltas (Yin et al. 2018); an even count averages the two middle values."""
+    ordered = _nonempty(updates)
+    n = len(ordered)
+    out: Weights = {}
+    for k in ordered[0].delta:
+        # sort rather than torch.median (which returns the lower middle value) or torch.quantile (size-limited)
+        s = _stacked(ordered, k).sort(dim=0).values
+        out[k] = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return out
 
 
 def trimmed_mean(updates: list[ClientUpdate], trim_fraction: float) -> Weights:
@@ -99,11 +91,7 @@ def trimmed_mean(updates: list[ClientUpdate], trim_fraction: float) -> Weights:
         )
     if k == 0 and trim_fraction > 0:
         log.warning("trimmed mean: trim_fraction %g of %d updates trims none; this round is a plain mean", trim_fraction, n)
-    out: Weights = {}
-    for name in ordered[0].delta:
-        s = torch.stack([u.delta[name].float() for u in ordered]).sort(dim=0).values
-        out[name] = s[k : n - k].mean(dim=0)
-    return out
+    return {name: _stacked(ordered, name).sort(dim=0).values[k : n - k].mean(dim=0) for name in ordered[0].delta}
 
 
 # --- Krum / Multi-Krum ---------------------------------------------------------------------------
@@ -117,12 +105,16 @@ def krum_scores(updates: list[ClientUpdate], f: int) -> list[float]:
     if f < 0:
         raise ValueError(f"the number of Byzantine clients f must be >= 0, got {f}")
     n = len(ordered)
-    vecs = [flat(u.delta) for u in ordered]
-    # pairwise squared distances, one pair at a time (an n x n x d broadcast would not fit for large adapters)
+    # pairwise squared distances, one tensor at a time (in float64): a whole update per client need not fit at once
     d = [[0.0] * n for _ in range(n)]
+    for name in sorted(ordered[0].delta):
+        vecs = [u.delta[name].double().reshape(-1) for u in ordered]
+        for i in range(n):
+            for j in range(i + 1, n):
+                d[i][j] += float((vecs[i] - vecs[j]).pow(2).sum())
     for i in range(n):
         for j in range(i + 1, n):
-            d[i][j] = d[j][i] = float((vecs[i] - vecs[j]).double().pow(2).sum())
+            d[j][i] = d[i][j]
     if n <= 2 * f + 2:
         log.warning("Krum: %d updates with f=%d Byzantine is outside its guarantee (needs n > 2f + 2)", n, f)
     neighbours = min(max(n - f - 2, 1), n - 1)
@@ -138,7 +130,10 @@ def multi_krum(updates: list[ClientUpdate], f: int, m: int) -> tuple[Weights, li
     scores = krum_scores(ordered, f)
     best = sorted(range(len(ordered)), key=lambda i: (scores[i], ordered[i].client))[:m]
     chosen = [ordered[i] for i in best]
-    return weighted_mean(chosen), [u.client for u in chosen]
+    fold = MeanFold()
+    for u in sorted(chosen, key=lambda u: u.client):
+        fold.add(u)
+    return fold.result().delta, [u.client for u in chosen]
 
 
 # --- norm bounding -------------------------------------------------------------------------------
@@ -160,7 +155,10 @@ def norm_bounded_mean(updates: list[ClientUpdate], bound: float | None) -> Weigh
     ordered = _nonempty(updates)
     if bound is None:
         bound = _median([_norm(u.delta) for u in ordered])
-    return weighted_mean([replace(u, delta=clip_to_norm(u.delta, bound)[0]) for u in ordered])
+    fold = MeanFold()
+    for u in ordered:  # one clipped update at a time
+        fold.add(replace(u, delta=clip_to_norm(dict(u.delta), bound)[0]))
+    return fold.result().delta
 
 
 def norm_outliers(updates: list[ClientUpdate], ratio: float) -> dict[str, str]:
@@ -168,11 +166,15 @@ def norm_outliers(updates: list[ClientUpdate], ratio: float) -> dict[str, str]:
     (the signature of scaling / model-replacement attacks, Bagdasaryan et al. 2020; Sun et al. 2019). Diagnostic only;
     empty with fewer than 3 updates, where a median says little."""
     ordered = _nonempty(updates)
+    return outliers_of({u.client: _norm(u.delta) for u in ordered}, ratio)
+
+
+def outliers_of(norms: dict[str, float], ratio: float) -> dict[str, str]:
+    """``norm_outliers`` on norms already measured (the screen measures each update's norm as it arrives)."""
     if ratio <= 0:
         raise ValueError(f"outlier ratio must be > 0, got {ratio}")
-    if len(ordered) < 3:
+    if len(norms) < 3:
         return {}
-    norms = {u.client: _norm(u.delta) for u in ordered}
     med = _median(list(norms.values()))
     out: dict[str, str] = {}
     for client, norm in norms.items():
@@ -182,41 +184,72 @@ def norm_outliers(updates: list[ClientUpdate], ratio: float) -> dict[str, str]:
     return out
 
 
-# --- strategies ----------------------------------------------------------------------------------
+# --- the aggregators -----------------------------------------------------------------------------
+
+
+class KeptFold:
+    """Keeps every update of the round (in a spool when the round gives one), then applies ``combine`` to them all."""
+
+    def __init__(self, combine: Callable[[list[ClientUpdate]], tuple[Weights, dict]], spool: UpdateSpool | None):
+        self.combine, self.spool = combine, spool
+        self.kept: list[ClientUpdate] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.kept)
+
+    def add(self, update: ClientUpdate) -> None:
+        self.kept.append(keep(self.spool, update))
+
+    def result(self) -> Aggregate:
+        try:
+            delta, info = self.combine(self.kept)
+            return Aggregate(delta, float(sum(u.num_examples for u in self.kept)), len(self.kept), info)
+        finally:
+            if self.spool is not None:
+                self.spool.close()
+
+
+def _keep(ctx: FoldContext | None, combine) -> KeptFold:
+    return KeptFold(combine, ctx.spool() if ctx is not None and ctx.spool is not None else None)
+
+
+@dataclass(frozen=True)
+class Median:
+    """Coordinate-wise median (unweighted): tolerant of a minority of arbitrary updates."""
+
+    needs_individual_updates: ClassVar[bool] = True
+    ordered: ClassVar[bool] = False
+
+    def start(self, ctx: FoldContext | None = None) -> KeptFold:
+        return _keep(ctx, lambda ups: (coordinate_median(ups), {}))
 
 
 @dataclass(frozen=True)
 class TrimmedMean:
-    """w <- w + server_lr * trimmed_mean(delta) (Yin et al. 2018): unweighted, drops trim_fraction of each tail."""
+    """Coordinate-wise trimmed mean (unweighted): drops ``trim_fraction`` of each tail."""
 
-    server_lr: float = 1.0
     trim_fraction: float = 0.2
-    needs_individual_updates = True
+    needs_individual_updates: ClassVar[bool] = True
+    ordered: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
 
-    def init(self, weights: Weights) -> Weights:
-        return {}
-
-    def client_options(self) -> dict:
-        return {}
-
-    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
-        step = trimmed_mean(updates, self.trim_fraction)
-        return ServerState(state.round + 1, apply(state.weights, step, self.server_lr), dict(state.opt))
+    def start(self, ctx: FoldContext | None = None) -> KeptFold:
+        return _keep(ctx, lambda ups: (trimmed_mean(ups, self.trim_fraction), {}))
 
 
 @dataclass(frozen=True)
 class Krum:
-    """w <- w + server_lr * multi_krum(delta) (Blanchard et al. 2017). f = floor(byzantine_fraction * n) for the n
-    updates of the round; multikrum_m = 1 is Krum, None selects n - f (Multi-Krum), an integer m selects min(m, n)."""
+    """Krum / Multi-Krum. f = floor(byzantine_fraction * n) for the n updates of the round; multikrum_m = 1 is Krum,
+    None selects n - f (Multi-Krum), an integer m selects min(m, n)."""
 
-    server_lr: float = 1.0
     byzantine_fraction: float = 0.2
     multikrum_m: int | None = 1
-    needs_individual_updates = True
+    needs_individual_updates: ClassVar[bool] = True
+    ordered: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.byzantine_fraction < 1:
@@ -224,38 +257,27 @@ class Krum:
         if self.multikrum_m is not None and self.multikrum_m < 1:
             raise ValueError(f"multikrum_m must be >= 1 or None, got {self.multikrum_m}")
 
-    def init(self, weights: Weights) -> Weights:
-        return {}
-
-    def client_options(self) -> dict:
-        return {}
-
-    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
+    def select(self, updates: list[ClientUpdate]) -> tuple[Weights, dict]:
         n = len(updates)
         f = math.floor(self.byzantine_fraction * n)
         m = n - f if self.multikrum_m is None else min(self.multikrum_m, n)
-        step, _ = multi_krum(updates, f, m)
-        return ServerState(state.round + 1, apply(state.weights, step, self.server_lr), dict(state.opt))
+        return multi_krum(updates, f, m)[0], {}
+
+    def start(self, ctx: FoldContext | None = None) -> KeptFold:
+        return _keep(ctx, self.select)
 
 
 @dataclass(frozen=True)
 class NormBound:
-    """w <- w + server_lr * norm_bounded_mean(delta) (Sun et al. 2019). norm_bound None = the round's median norm."""
+    """Norm bounding: every update clipped to ``norm_bound`` (None: the round's median norm), then the weighted mean."""
 
-    server_lr: float = 1.0
     norm_bound: float | None = None
-    needs_individual_updates = True
+    needs_individual_updates: ClassVar[bool] = True
+    ordered: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.norm_bound is not None and not self.norm_bound > 0:
             raise ValueError(f"norm_bound must be > 0 or None, got {self.norm_bound}")
 
-    def init(self, weights: Weights) -> Weights:
-        return {}
-
-    def client_options(self) -> dict:
-        return {}
-
-    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
-        step = norm_bounded_mean(updates, self.norm_bound)
-        return ServerState(state.round + 1, apply(state.weights, step, self.server_lr), dict(state.opt))
+    def start(self, ctx: FoldContext | None = None) -> KeptFold:
+        return _keep(ctx, lambda ups: (norm_bounded_mean(ups, self.norm_bound), {}))

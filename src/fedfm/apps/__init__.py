@@ -1,0 +1,1 @@
+"""Entry points that deployment runtimes start (Flower's ServerApp and ClientApp)."""

@@ -1,0 +1,1 @@
+"""The round loop (``loop``), its stages (``stages``) and the groups a method trains (``groups``)."""
