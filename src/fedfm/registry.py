@@ -7,6 +7,7 @@ this module is typed.
 from __future__ import annotations
 
 from fedfm.aggregators.mean import Mean
+from fedfm.aggregators.qfedavg import QFedAvg
 from fedfm.aggregators.robust import Krum, Median, NormBound, TrimmedMean
 from fedfm.features.attack import Attack
 from fedfm.features.base import Feature
@@ -52,6 +53,7 @@ AGGREGATORS = {
     "trimmed_mean": lambda c: TrimmedMean(c.strategy.trim_fraction),
     "krum": lambda c: Krum(c.strategy.byzantine_fraction, c.strategy.multikrum_m),
     "normbound": lambda c: NormBound(c.strategy.norm_bound),
+    "qfedavg": lambda c: QFedAvg(c.strategy.q, c.strategy.lipschitz or 1 / c.train.lr),
 }
 
 # strategy.server_opt -> the server optimizer, built from the strategy section (overrides the preset's)

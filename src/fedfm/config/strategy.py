@@ -20,7 +20,7 @@ ROBUST = ("median", "trimmed_mean", "krum", "normbound")  # aggregators that nee
 PRESET_OPTIMIZER = {"fedavgm": "momentum", "diloco": "nesterov", "fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 STATEFUL_OPTIMIZERS = ("momentum", "nesterov", "adam", "yogi", "adagrad")
 # what each aggregator other than the mean does, for compatibility messages
-AGGREGATOR_KINDS = {name: "a robust statistic" for name in ROBUST}
+AGGREGATOR_KINDS = {**{name: "a robust statistic" for name in ROBUST}, "qfedavg": "q-FedAvg's loss-weighted mean"}
 
 
 class StrategyConfig(Section):
@@ -29,7 +29,7 @@ class StrategyConfig(Section):
         description="Server aggregation / optimiser. Robust (Byzantine-tolerant) aggregators: median, trimmed_mean, "
         "krum (Krum / Multi-Krum), normbound; scaffold: control variates at every client (Karimireddy et al. 2020).",
     )
-    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "normbound"] | None = Field(
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "normbound", "qfedavg"] | None = Field(
         None,
         description="How a round's updates are combined, overriding the one of strategy.name (None): the "
         "example-weighted mean, or a robust statistic (e.g. median with server_opt=momentum).",
@@ -57,6 +57,8 @@ class StrategyConfig(Section):
     norm_bound: float | None = Field(
         None, gt=0, description="normbound: L2 bound each update is clipped to (None: the round's median update norm)."
     )
+    q: float = Field(1.0, ge=0, description="qfedavg: fairness exponent (0 = the unweighted mean of the updates).")
+    lipschitz: float | None = Field(None, gt=0, description="qfedavg: Lipschitz constant L (None: 1 / train.lr).")
     lora_aggregation: Literal["separate", "exact", "hetlora", "flexlora"] = Field(
         "separate",
         description="How LoRA factors are combined: 'separate' averages A and B on their own (mean(B) mean(A), not "
