@@ -41,6 +41,7 @@ class FoldContext:
     members: list[int] = field(default_factory=list)  # federation indices of the clients asked this round
     engine: Any = None  # for protocol exchanges (secure aggregation's key exchange and unmasking)
     spool: Callable[[], UpdateSpool] | None = None  # a fresh spool for this round's kept updates
+    expected_weight: float | None = None  # the members' total example count, if every one of them reports
 
 
 class Fold(Protocol):

@@ -130,7 +130,7 @@ def multi_krum(updates: list[ClientUpdate], f: int, m: int) -> tuple[Weights, li
     scores = krum_scores(ordered, f)
     best = sorted(range(len(ordered)), key=lambda i: (scores[i], ordered[i].client))[:m]
     chosen = [ordered[i] for i in best]
-    fold = MeanFold()
+    fold = MeanFold(expected=sum(float(u.num_examples) for u in chosen))
     for u in sorted(chosen, key=lambda u: u.client):
         fold.add(u)
     return fold.result().delta, [u.client for u in chosen]
@@ -155,7 +155,7 @@ def norm_bounded_mean(updates: list[ClientUpdate], bound: float | None) -> Weigh
     ordered = _nonempty(updates)
     if bound is None:
         bound = _median([_norm(u.delta) for u in ordered])
-    fold = MeanFold()
+    fold = MeanFold(expected=sum(float(u.num_examples) for u in ordered))
     for u in ordered:  # one clipped update at a time
         fold.add(replace(u, delta=clip_to_norm(dict(u.delta), bound)[0]))
     return fold.result().delta

@@ -48,7 +48,7 @@ class _ScaffoldFold:
 
     def __init__(self, inner, ctx: FoldContext, num_clients: int):
         self.inner, self.ctx, self.num_clients = inner, ctx, num_clients
-        self.controls = MeanFold(weighted=False)
+        self.controls = MeanFold(weighted=False, expected=float(len(ctx.members)))
 
     @property
     def count(self) -> int:

@@ -31,7 +31,7 @@ from fedfm.engines.common import Broadcast
 from fedfm.errors import RoundSkipped
 from fedfm.features.base import RoundContext
 from fedfm.registry import build_aggregation
-from fedfm.round.groups import Group, needed, plan_groups, sample
+from fedfm.round.groups import Group, needed, plan_groups, sample, shard_sizes
 from fedfm.round.record import round_record
 from fedfm.round.screen import validate
 from fedfm.rundir import RunDir
@@ -109,18 +109,24 @@ class Rounds:
         """select -> configure -> execute -> receive -> aggregate, for one group."""
         members = self.select(ctx, group)
         tasks = self.configure(ctx, group, st, members)
-        fold = self.aggregator.start(FoldContext(ctx.round, st.weights, st, members, self.engine, self.spool))
+        expected = float(sum(shard_sizes(self.app, self.engine, i)[0] for i in members))
+        fold = self.aggregator.start(FoldContext(ctx.round, st.weights, st, members, self.engine, self.spool, expected))
         order = InOrder(members) if self.aggregator.ordered else None
         layout = self.layout(st)
         for index, update in self.engine.train(tasks, ctx.downlink):
-            update = self.receive(ctx, update, st, layout)
-            for u in order.arrive(index, update) if order is not None else ([update] if update else []):
-                fold.add(u)
+            self.fold_in(fold, order, index, self.receive(ctx, update, st, layout))
+            del update  # folded: gone before the next client trains, so a round holds one update at a time
             if on_update is not None:
                 on_update()
         for u in order.flush() if order is not None else ():
             fold.add(u)
         return self.aggregate(ctx, group, st, fold)
+
+    @staticmethod
+    def fold_in(fold, order: InOrder | None, index: int, update: ClientUpdate | None) -> None:
+        """Fold ``update`` in when its turn in client order has come, with any that waited behind it."""
+        for u in order.arrive(index, update) if order is not None else ([update] if update else []):
+            fold.add(u)
 
     def select(self, ctx: RoundContext, group: Group) -> list[int]:
         """The seeded sample of the group's members, narrowed by the features (continual stages, deadlines)."""
