@@ -18,7 +18,7 @@ from fedfm import config as config_mod
 from fedfm import server
 from fedfm.app import App
 from fedfm.aggregators.base import FoldContext, InOrder
-from fedfm.aggregators.mean import Mean
+from fedfm.aggregators.mean import Mean, MeanFold
 from fedfm.aggregators.qfedavg import QFedAvg
 from fedfm.aggregators.robust import Krum, Median
 from fedfm.errors import ConfigError
@@ -45,6 +45,21 @@ def test_mean_fold_keeps_running_sums():
     agg = fold(Mean(), [upd("a", 1, x=T(1, 2)), upd("b", 3, x=T(5, 6))])
     close(agg.delta["x"], [4.0, 5.0])
     assert (agg.weight, agg.count) == (4.0, 2)
+
+
+def test_mean_fold_divides_first_and_rescales_when_a_client_is_missing():
+    a, b = upd("a", 1, x=T(0.1, 0.7)), upd("b", 3, x=T(0.3, 0.9))
+    full = MeanFold(expected=4.0)
+    for u in (a, b):
+        full.add(u)
+    # every sampled client reported: exactly sum_i (n_i / N) delta_i, added in this order, as fedfm always did
+    want = torch.zeros(2).add_(T(0.1, 0.7), alpha=1 / 4).add_(T(0.3, 0.9), alpha=3 / 4)
+    assert torch.equal(full.result().delta["x"], want)
+    # a third client (n = 6) was expected but vanished: N = 10 rescaled to the 4 that came, the same mean
+    part = MeanFold(expected=10.0)
+    for u in (a, b):
+        part.add(u)
+    close(part.result().delta["x"], [(0.1 + 3 * 0.3) / 4, (0.7 + 3 * 0.9) / 4], atol=1e-7)
 
 
 def test_in_order_release_gives_the_same_bits_whatever_the_arrival_order():
