@@ -44,7 +44,8 @@ PY
   echo
 } >>"$work/report.md"
 "$work/venv/bin/fedfm" data fetch >"$work/fetch.log" 2>&1 || { echo "fedfm data fetch failed:"; tail -5 "$work/fetch.log"; } >>"$work/report.md"
-"$py" -m pytest -p no:cacheprovider -rf 2>&1 | tee "$work/pytest.log" | tail -3
+# the venv first on PATH: tests start its `fedfm`, `flower-superlink`, ... as separate processes
+PATH="$work/venv/bin:$PATH" "$py" -m pytest -p no:cacheprovider -rf 2>&1 | tee "$work/pytest.log" | tail -3
 status=${PIPESTATUS[0]}
 {
   echo "Test suite (exit $status):"
