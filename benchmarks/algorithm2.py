@@ -6,9 +6,10 @@ and training on the server's data alone; several seeds, mean and spread. Every v
 shares one split: the same clients' data, the same 2% on the server (unused by plain FedAvg).
 
     python benchmarks/algorithm2.py                   # seeds 0 1 2
-    python benchmarks/algorithm2.py --seeds 0 --name algorithm2_quick
+    python benchmarks/algorithm2.py --seeds 0 --name algorithm2_seed0
+    python benchmarks/algorithm2.py --quick --out /tmp/algorithm2   # seed 0, 240 articles, 1 round (tests)
 
-Writes benchmarks/results/<name>.md and .json.
+Writes benchmarks/results/<name>.md and .json, or under --out.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info  # noqa: E402
+from machine import QUICK_SETS, add_quick_args, machine_info, results_dir  # noqa: E402
 
 from fedfm import config, server  # noqa: E402
 from fedfm.app import App  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+QUICK = [*QUICK_SETS, "rounds=1", "federation.num_clients=4", "server_data.steps=1"]
 # name -> (method, overrides)
 VARIANTS = {
     "fedavg": ("federated", ["server_data.steps=0"]),
@@ -43,15 +44,20 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/algorithm2_bbc.yaml")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2; --quick: 0")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--name", default="algorithm2")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                     help="run only these; rows of the other variants are kept from an earlier <name>.json")
+    add_quick_args(ap, "seed 0, 240 articles over 4 clients, 1 round of 1 local step and 1 server step")
     args = ap.parse_args()
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    if args.quick:
+        args.overrides = [*QUICK, *args.overrides]
+    args.out = results_dir(args)
     rows = []
-    earlier = RESULTS / f"{args.name}.json"
-    if set(args.variants) != set(VARIANTS) and earlier.is_file():
+    earlier = args.out / f"{args.name}.json" if args.out else None
+    if set(args.variants) != set(VARIANTS) and earlier and earlier.is_file():
         rows = [r for r in json.loads(earlier.read_text())["rows"] if r["variant"] not in args.variants]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -78,7 +84,6 @@ def main() -> None:
 
 
 def write(rows: list[dict], args) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/algorithm2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if set(args.variants) != set(VARIANTS):
         command = "python benchmarks/algorithm2.py --seeds 0 1 2 (all variants), then " + command
@@ -110,9 +115,12 @@ def write(rows: list[dict], args) -> None:
         spread = f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}" if len(acc) > 1 else f"{acc.mean():.1f}"
         lines.append(f"| {name} | " + " | ".join(f"{a:.1f}%" for a in acc) + f" | {spread} |")
     lines += ["", "Accuracy on the global test split (20% of the corpus, never trained on).", ""]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
     print("\n".join(lines), flush=True)
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.md").write_text("\n".join(lines))
+    (args.out / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

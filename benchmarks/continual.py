@@ -8,8 +8,9 @@ buffers' memory and the penalty's extra communication.
     OMP_NUM_THREADS=1 python benchmarks/continual.py                       # seeds 0 1 2, every variant
     OMP_NUM_THREADS=1 python benchmarks/continual.py --seeds 0 --name continual_tuning \\
         --variant ewc-1e4=continual.method=ewc,continual.penalty=1e4        # try another setting
+    python benchmarks/continual.py --quick --out /tmp/continual      # seed 0, 3 owners, 1 round a stage (tests)
 
-Writes benchmarks/results/<name>.md and .json.
+Writes benchmarks/results/<name>.md and .json, or under --out.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import result_header  # noqa: E402
+from machine import QUICK_SETS, RESULTS, add_quick_args, result_header, results_dir  # noqa: E402
 
 from fedfm import config, server  # noqa: E402
 from fedfm.app import App  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 TITLE = "Federated continual learning: class-incremental BBC News"
 # name -> overrides of the config; the penalties are the best ACC of a sweep on seed 0 (results/continual_tuning.md)
 VARIANTS = {
@@ -41,6 +41,10 @@ VARIANTS = {
     # merge settings: the best ACC of a sweep on seed 0 (results/continual_merge_tuning.md)
     "merge (mean, from the merged model)": ["continual.method=merge", "continual.merge=mean", "continual.stage_start=merged"],
 }
+# --quick: the same three stages, one round each, over 3 owners (client_2 joins at stage 2, client_0 leaves at 3)
+QUICK_STAGES = ("continual.stages=[{rounds: 1, labels: [business, entertainment], clients: [0, 1]}, "
+                "{rounds: 1, labels: [politics, sports]}, {rounds: 1, labels: [tech], clients: [1, 2]}]")
+QUICK = [*QUICK_SETS, "federation.num_clients=3", "continual.fisher_examples=16", QUICK_STAGES]
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -53,12 +57,17 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/continual_bbc.yaml")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2; --quick: 0")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every variant")
     ap.add_argument("--variant", action="append", default=[], help="NAME=key=value,...: run these instead of the defaults")
     ap.add_argument("--name", default="continual")
     ap.add_argument("--render", action="store_true", help="only rewrite <name>.md from the rows of <name>.json")
+    add_quick_args(ap, "seed 0, 240 articles over 3 owners, 1 round of 1 local step per stage")
     args = ap.parse_args()
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    if args.quick:
+        args.overrides = [*QUICK, *args.overrides]
+    args.out = results_dir(args)
     if args.render:
         return render(args)
     variants = dict(parse_variant(v) for v in args.variant) if args.variant else VARIANTS
@@ -92,7 +101,7 @@ def main() -> None:
 
 def render(args) -> None:
     """Rewrite the markdown of an earlier run (its command, machine and rows come from the JSON)."""
-    saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+    saved = json.loads(((args.out or RESULTS) / f"{args.name}.json").read_text())
     rows, command, info = saved["rows"], saved["command"], saved["machine"]
     variants = {r["variant"]: r["overrides"] for r in rows}
     header = [f"# {TITLE}", "", f"- command: `{command}`", f"- machine: {info['summary']}", f"- date: {info['date']}"]
@@ -106,7 +115,6 @@ def _mean_sd(xs: list[float], scale: float = 100.0, signed: bool = False) -> str
 
 
 def write(rows: list[dict], variants: dict, args, command: str, info: dict, header: list[str]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     cfg = config.load(args.config, args.overrides)
     stages = " -> ".join("{" + ", ".join(st.labels or st.keys or []) + "}" for st in cfg.continual.stages)
     seeds = sorted({r["seed"] for r in rows})
@@ -157,8 +165,11 @@ def write(rows: list[dict], variants: dict, args, command: str, info: dict, head
         r = next((r for r in rows if r["variant"] == name and r["seed"] == seeds[0]), None)
         if r:
             lines.append(f"- {name}: " + " / ".join("[" + " ".join(f"{100 * x:.0f}" for x in row) + "]" for row in r["matrix"]))
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ general English (a seeded sample of Brown corpus paragraphs, tokenised and packe
 
     python benchmarks/continued_pretrain.py
     python benchmarks/continued_pretrain.py --set peft.method=none --name cpt_full   # full fine-tuning
+    python benchmarks/continued_pretrain.py --quick --out /tmp/cpt   # 2 owners, 1 round of 1 step (tests)
 
-Writes benchmarks/results/<name>.md and .json.
+Writes benchmarks/results/<name>.md and .json, or under --out.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info  # noqa: E402
+from machine import add_quick_args, machine_info, results_dir  # noqa: E402
 
 from fedfm import config, server  # noqa: E402
 from fedfm.app import App  # noqa: E402
@@ -32,7 +33,9 @@ from fedfm.models import set_weights  # noqa: E402
 from fedfm.rundir import RunDir  # noqa: E402
 from fedfm.tasks.causal_lm import pack  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+# --quick: the same model, 2 owners of 200 speeches, 1 round of 1 local step, blocks of 32 tokens, 4 global test blocks
+QUICK = ["rounds=1", "data.max_examples=200", "data.max_length=32", "federation.num_clients=2", "train.local_steps=1",
+         "train.batch_size=2", "eval.max_examples=4"]
 
 
 def perplexities(app: App, weights, general) -> dict[str, float]:
@@ -47,10 +50,15 @@ def perplexities(app: App, weights, general) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/cpt_smollm2_shakespeare.yaml")
-    ap.add_argument("--general-docs", type=int, default=200, help="Brown paragraphs in the general-text set")
+    ap.add_argument("--general-docs", type=int, default=None, help="Brown paragraphs in the general-text set (default 200; --quick 4)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--name", default="continued_pretrain")
+    add_quick_args(ap, "2 owners of 200 speeches, 1 round of 1 local step of 2 blocks of 32 tokens, 4 Brown paragraphs")
     args = ap.parse_args()
+    args.general_docs = args.general_docs or (4 if args.quick else 200)
+    if args.quick:
+        args.overrides = [*QUICK, *args.overrides]
+    out = results_dir(args)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.load(args.config, [f"output_dir={tmp}", *args.overrides])
@@ -89,10 +97,11 @@ def main() -> None:
         lines.append(f"| {key} | {f'{size[0]} / {size[1]}' if size else '—'} | {before[key]:.2f} | {after[key]:.2f} | "
                      f"{100 * (after[key] / before[key] - 1):+.1f}% |")
     lines += ["", "Per round (global test perplexity): " + ", ".join(f"{r['perplexity']:.2f}" for r in hist), ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "before": before, "after": after, "history": hist}, indent=1))
     print("\n".join(lines))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.md").write_text("\n".join(lines))
+        (out / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "before": before, "after": after, "history": hist}, indent=1))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ SECAGG = ["secagg.enabled=true", "dp.mode=distributed", "dp.seeded_noise=true", 
           "dp.clip_norm=0.5", "federation.min_clients=2", "compare.methods=[federated]"]
 
 
-def suite_flower(rounds: int) -> tuple[list[dict], str]:
+def suite_flower(rounds: int, extra: list[str]) -> tuple[list[dict], str]:
+    """The three measurements over ``rounds`` rounds each; ``extra`` overrides the job (engines.py --quick)."""
     import torch
     from safetensors.torch import load_file
 
@@ -94,7 +95,7 @@ def suite_flower(rounds: int) -> tuple[list[dict], str]:
     from fedfm.owner import export_owners
 
     root = Path(tempfile.mkdtemp(prefix="fedfm-flower-bench-"))
-    sets = JOB + [f"rounds={rounds}", f"output_dir={root / 'runs'}"]
+    sets = JOB + [f"rounds={rounds}", f"output_dir={root / 'runs'}", *extra]
     emb_cfg = config.load(None, sets + ["name=embedded"])
     t0 = time.perf_counter()
     emb = server.run(emb_cfg)
@@ -172,7 +173,7 @@ def suite_flower(rounds: int) -> tuple[list[dict], str]:
     lines += ["", f"Inside the Flower engine's round, each training message's ClientApp spent {setup:.2f} s loading the "
               f"owner's App (imports are before that, in the process start) and {train:.2f} s training (means over "
               f"{len(ns)} messages)."]
-    lines += ["", f"{rounds} rounds each, 3 owners (SuperNodes) and the SuperLink on this machine's loopback, TLS and "
+    lines += ["", f"{rounds} rounds each, {len(owners)} owners (SuperNodes) and the SuperLink on this machine's loopback, TLS and "
               "node authentication on. fedfm's bytes are the serialized update/broadcast messages (the same count "
               f"on every engine); the Flower records' array payload over the whole run was {nodes['wire_bytes']}. "
               f"Flower and embedded final adapters bitwise equal: {same}; with secure aggregation and distributed "

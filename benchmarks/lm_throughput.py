@@ -9,6 +9,9 @@ ratios (speed as a ratio taken in one run, on a shared machine).
 
     python benchmarks/lm_throughput.py                 # writes results/lm_throughput.{md,json}
     python benchmarks/lm_throughput.py --config configs/pretrain_austen.yaml --steps 20 --reps 5
+    python benchmarks/lm_throughput.py --quick --out /tmp/lm   # a tiny Llama, 2 repetitions of 2 steps (tests)
+
+Writes benchmarks/results/<name>.md and .json, or under --out.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info  # noqa: E402
+from machine import QUICK_LM_SETS, add_quick_args, machine_info, results_dir  # noqa: E402
 
 from fedfm import client as client_loop  # noqa: E402
 from fedfm import config  # noqa: E402
@@ -32,8 +35,6 @@ from fedfm.app import App  # noqa: E402
 from fedfm.client import batch_order, derive_seed, lr_at  # noqa: E402
 from fedfm.models import set_weights, trainable_params  # noqa: E402
 from fedfm.types import ClientTask  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def bare(app: App, index: int, steps: int, round_: int) -> int:
@@ -77,11 +78,17 @@ def tokens_of(app: App, index: int, steps: int, round_: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/pretrain_austen.yaml")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=None, help="steps per repetition (default 20; --quick 2)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions of each path (default 5; --quick 2)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--name", default="lm_throughput")
+    add_quick_args(ap, "a 2-layer Llama on 300 Shakespeare speeches, 2 repetitions of 2 steps")
     args = ap.parse_args()
+    args.steps = args.steps or (2 if args.quick else 20)
+    args.reps = args.reps or (2 if args.quick else 5)
+    if args.quick:
+        args.overrides = [*QUICK_LM_SETS, *args.overrides]
+    out = results_dir(args)
     app = App(config.load(args.config, args.overrides))
     paths = {"fedfm": fedfm_loop, "bare": bare}
     for fn in paths.values():  # untimed warm-up
@@ -120,10 +127,11 @@ def main() -> None:
         f"(target >= 0.95: {'meets' if ratio >= 0.95 else 'MISSES'}); per repetition: {', '.join(f'{r:.3f}' for r in ratios)}",
         "",
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "times": times, "ratios": ratios, "ratio": ratio, "tokens_per_rep": tok_per_rep}, indent=1))
     print("\n".join(lines))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.md").write_text("\n".join(lines))
+        (out / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "times": times, "ratios": ratios, "ratio": ratio, "tokens_per_rep": tok_per_rep}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
+from pathlib import Path
 
 import torch
+
+RESULTS = Path(__file__).parent / "results"
+# --quick runs of MiniLM configs: a sliver of the data, short texts, one local step of 8, a small evaluation
+QUICK_SETS = ["data.max_examples=240", "data.max_length=32", "train.local_steps=1", "train.batch_size=8",
+              "eval.max_examples=48"]
+# --quick runs of configs/pretrain_austen.yaml: a 2-layer Llama of width 32 on 300 Shakespeare speeches over 3 owners
+# (Shakespeare is in the default `fedfm data fetch`, Austen is not), batches of 4, 8 evaluation blocks
+QUICK_LM_SETS = ["data.source=shakespeare", "data.owner=play", "data.partition=dirichlet", "data.alpha=0.5",
+                 "data.max_examples=300", "federation.num_clients=3", "model.vocab_size=512",
+                 "model.arch={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}",
+                 "train.batch_size=4", "eval.max_examples=8"]
 
 
 def _load() -> str:
@@ -53,3 +66,18 @@ def result_header(title: str, script: str) -> tuple[str, dict, list[str]]:
     info = machine_info()
     lines = [f"# {title}", "", f"- command: `{command.strip()}`", f"- machine: {info['summary']}", f"- date: {info['date']}"]
     return command.strip(), info, lines
+
+
+def add_quick_args(ap: argparse.ArgumentParser, shrinks: str) -> None:
+    """--quick (the test suite's run: ``shrinks`` says to what) and --out, the results directory."""
+    ap.add_argument("--quick", action="store_true", help=f"smoke version for the test suite: {shrinks}; "
+                    "writes nothing unless --out is given")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results; --quick writes nothing unless given)")
+
+
+def results_dir(args: argparse.Namespace) -> Path | None:
+    """Where the results files go: --out, else benchmarks/results; None (write nothing) for --quick without --out."""
+    if args.out is not None:
+        return args.out
+    return None if args.quick else RESULTS

@@ -7,10 +7,11 @@ model), local-only tuning, and the federated model.
 
     python benchmarks/peft_methods.py --config configs/instruct_foldoc.yaml --local --name instruction
     python benchmarks/peft_methods.py --config configs/prompt_tweets.yaml --name prompt_tuning_classification
+    python benchmarks/peft_methods.py --quick --out /tmp/peft   # configs/smoke.yaml, 2 clients, 1 round, --local (tests)
 
 Bytes are the serialized messages the embedded engine carried (safetensors of the trainable tensors), per
-client and round, each way. Writes benchmarks/results/<name>.md and .json; rows are saved after every run, and
-``--methods`` re-runs only those (the other rows are kept from an earlier <name>.json).
+client and round, each way. Writes benchmarks/results/<name>.md and .json (or under --out); rows are saved after
+every run, and ``--methods`` re-runs only those (the other rows are kept from an earlier <name>.json).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import result_header  # noqa: E402
+from machine import QUICK_SETS, add_quick_args, result_header, results_dir  # noqa: E402
 
 from fedfm import config, server  # noqa: E402
 from fedfm.app import App  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+SMOKE = "configs/smoke.yaml"
 METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora", "ia3", "none")
 LABEL = {"prompt_tuning": "prompt tuning", "prefix_tuning": "prefix tuning", "p_tuning": "P-tuning", "lora": "LoRA",
          "ia3": "IA3", "none": "full fine-tuning"}
@@ -134,27 +135,37 @@ def write(rows: list[dict], args, earlier_commands: list[str], recorded: dict | 
         lines.append("| **mean** | | " + " | ".join(
             " / ".join(fmt(mean[m][k], pct) for m in ("untuned", "local", "federated")) for k, _, pct in keys) + " |")
         lines.append("")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
-    (RESULTS / f"{args.name}.json").write_text(
-        json.dumps({"command": command, "earlier_commands": earlier_commands, "machine": info, "rows": rows}, indent=1))
     print("\n".join(lines), flush=True)
+    if args.out is None:
+        return
+    (args.out / f"{args.name}.md").write_text("\n".join(lines))
+    (args.out / f"{args.name}.json").write_text(
+        json.dumps({"command": command, "earlier_commands": earlier_commands, "machine": info, "rows": rows}, indent=1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", help=f"run config (required; --quick: {SMOKE})")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=["lora", "prompt_tuning", "prefix_tuning", "p_tuning", "none"],
                     help="the first one also gets the per-owner comparison with --local")
     ap.add_argument("--local", action="store_true", help="per-owner table: untuned vs local-only vs federated")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--method-set", dest="method_overrides", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="an override for one method only, e.g. prompt_tuning:train.lr=0.03 (each method's learning rate)")
-    ap.add_argument("--name", required=True)
+    ap.add_argument("--name", help="results file stem (required; --quick: peft_methods)")
     ap.add_argument("--render", action="store_true", help="only rewrite <name>.md from <name>.json (no training)")
+    add_quick_args(ap, f"{SMOKE} on 240 articles over 2 clients, 1 round of 1 local step, with --local")
     args = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    earlier = RESULTS / f"{args.name}.json"
-    old = json.loads(earlier.read_text()) if earlier.is_file() else {"rows": []}
+    if args.quick:
+        args.config, args.name, args.local = args.config or SMOKE, args.name or "peft_methods", True
+        args.overrides = [*QUICK_SETS, "rounds=1", "federation.num_clients=2", *args.overrides]
+    if not (args.config and args.name):
+        ap.error("--config and --name are required (unless --quick)")
+    args.out = results_dir(args)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    earlier = args.out / f"{args.name}.json" if args.out else None
+    old = json.loads(earlier.read_text()) if earlier and earlier.is_file() else {"rows": []}
     rows = [r for r in old["rows"] if r["method"] not in args.methods]
     earlier_commands = [*old.get("earlier_commands", []), old["command"]] if rows else []
     if args.render:

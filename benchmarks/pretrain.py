@@ -13,8 +13,9 @@ computed from the model size, not run.
     python benchmarks/pretrain.py                        # H in 10 25 50 150, 150 steps per owner
     python benchmarks/pretrain.py --inner 50 --steps 150 --name pretrain_quick
     python benchmarks/pretrain.py --jobs 2 --set engine.threads=1 ...   # two runs at a time, one process each
+    python benchmarks/pretrain.py --quick --out /tmp/pretrain   # a tiny Llama, 10 steps per owner (tests)
 
-Writes benchmarks/results/<name>.md, .json and a perplexity-vs-bytes plot.
+Writes benchmarks/results/<name>.md, .json and a perplexity-vs-bytes plot, or under --out.
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info  # noqa: E402
+from machine import QUICK_LM_SETS, add_quick_args, machine_info, results_dir  # noqa: E402
 
 from fedfm import config, server  # noqa: E402
 from fedfm.app import App  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -82,15 +82,21 @@ OUTER_LR = {"diloco": 0.7, "fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/pretrain_austen.yaml")
-    ap.add_argument("--inner", nargs="+", type=int, default=[10, 25, 50, 150], help="inner steps H per round")
-    ap.add_argument("--steps", type=int, default=150, help="inner steps per owner over the whole run")
+    ap.add_argument("--inner", nargs="+", type=int, default=None, help="inner steps H per round (default 10 25 50 150; --quick 5)")
+    ap.add_argument("--steps", type=int, default=None, help="inner steps per owner over the whole run (default 150; --quick 10)")
     ap.add_argument("--outer", nargs="*", default=["fedavg", "fedavgm", "fedadam"],
                     help="other outer optimisers, each run once at the largest H that gives >= 2 rounds")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, each in its own process (with --set engine.threads=1 on a 2-core machine)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--name", default="pretrain")
+    add_quick_args(ap, "a 2-layer Llama on 300 Shakespeare speeches over 3 owners, 10 steps per owner, H = 5")
     args = ap.parse_args()
+    args.inner = args.inner or ([5] if args.quick else [10, 25, 50, 150])
+    args.steps = args.steps or (10 if args.quick else 150)
+    if args.quick:
+        args.overrides = [*QUICK_LM_SETS, *args.overrides]
+    args.out = results_dir(args)
     for h in [*args.inner, 10]:
         if args.steps % h:
             ap.error(f"--steps {args.steps} is not a multiple of inner steps {h}")
@@ -135,7 +141,6 @@ def main() -> None:
 
 def write(runs: list[dict], args, setup: dict) -> None:
     model_bytes, owners, start = setup["model_bytes"], setup["owners"], setup["start"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/pretrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info = machine_info()
     cent = next((r for r in runs if r["method"] == "centralized"), None)
@@ -178,10 +183,13 @@ def write(runs: list[dict], args, setup: dict) -> None:
             verdicts.append(f"{r['outer']} H={r['inner_steps']}: perplexity {ratio:.3f}x centralized, {r['inner_steps']}x fewer syncs "
                             f"-> {'meets' if ok else 'does not meet'} the target")
     lines += ["", "## Verdict", "", *[f"- {v}" for v in verdicts], "", f"![perplexity vs bytes]({args.name}_curve.png)", ""]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "start": start, "runs": runs}, indent=1))
-    plot(runs, RESULTS / f"{args.name}_curve.png", per_step_bytes, cent)
     print("\n".join(lines), flush=True)
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.md").write_text("\n".join(lines))
+    (args.out / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "start": start, "runs": runs}, indent=1))
+    plot(runs, args.out / f"{args.name}_curve.png", per_step_bytes, cent)
 
 
 def plot(runs: list[dict], path: Path, per_step_bytes: int, cent: dict | None) -> None:

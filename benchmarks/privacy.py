@@ -3,6 +3,7 @@
     python benchmarks/privacy.py                                   # everything (about an hour on 2 CPU cores)
     python benchmarks/privacy.py --noise 1.0 --shadows 0           # quicker: one DP level, loss-threshold audit
     python benchmarks/privacy.py --work /tmp/privacy               # keep run directories (reruns reuse finished ones)
+    python benchmarks/privacy.py --quick --out /tmp/privacy        # 10 owners, 240 tweets, 1 round, z=1 (tests)
 
 1. Privacy-utility: configs/dp_tweets.yaml (300 tweet owners, Poisson sampling q=0.2, 20 rounds, adaptive
    clipping) without DP and with each noise multiplier in --noise; epsilon (delta 1e-5, dp-accounting RDP)
@@ -10,7 +11,7 @@
 2. Audit: `fedfm audit` (loss-threshold and offline LiRA with --shadows shadow federations) on the no-DP
    run and on the run with --audit-noise. Target (issue 4): AUC <= 0.55 at client-level epsilon <= 8.
 
-Writes benchmarks/results/privacy.md and privacy.json.
+Writes benchmarks/results/privacy.md and privacy.json, or under --out.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import result_header  # noqa: E402
+from machine import QUICK_SETS, add_quick_args, result_header, results_dir  # noqa: E402
 
 from fedfm import config, server  # noqa: E402
 from fedfm.privacy.audit import audit_membership  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+# --quick: 10 owners sampled with q=0.5, 1 round (a round needs 2 reports); the adaptive clip's count noise is set,
+# its default (expected clients / 20) is too small for z=1 with 5 expected clients
+QUICK = [*QUICK_SETS, "rounds=1", "federation.num_clients=10", "federation.fraction=0.5", "federation.min_clients=2",
+         "dp.clip_count_stddev=1.0"]
 
 
 def finished(run_dir: Path) -> bool:
@@ -53,14 +57,19 @@ def train(cfg_path: str, z: float | None, work: Path, extra: list[str]) -> tuple
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/dp_tweets.yaml")
-    ap.add_argument("--noise", nargs="*", type=float, default=[1.0, 1.5])
+    ap.add_argument("--noise", nargs="*", type=float, default=None, help="noise multipliers (default 1.0 1.5; --quick 1.0)")
     ap.add_argument("--audit-noise", type=float, default=1.0, help="DP run audited beside the no-DP run")
     ap.add_argument("--shadows", type=int, default=1)
-    ap.add_argument("--per-side", type=int, default=1000)
+    ap.add_argument("--per-side", type=int, default=None, help="audited members and non-members (default 1000; --quick 40)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--work", type=Path, default=None, help="keep run directories here")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_quick_args(ap, "240 tweets over 10 owners, 1 round, z in {none, 1.0}, 40 + 40 audited examples")
     args = ap.parse_args()
+    args.noise = args.noise if args.noise is not None else ([1.0] if args.quick else [1.0, 1.5])
+    args.per_side = args.per_side or (40 if args.quick else 1000)
+    if args.quick:
+        args.overrides = [*QUICK, *args.overrides]
+    args.out = results_dir(args)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fedfm-privacy-"))
     rows, audits = [], []
@@ -91,6 +100,8 @@ def main() -> None:
 
 
 def write(rows: list[dict], audits: list[dict], args) -> None:
+    if args.out is None:
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     command, info, lines = result_header("Privacy: client-level DP-FedAvg, privacy-utility and membership inference", "benchmarks/privacy.py")
     cfg = config.load(args.config, args.overrides)

@@ -6,8 +6,9 @@ average, on BBC News and on the CrowdFlower tweets.
     python benchmarks/quality.py                      # both datasets, seed 0
     python benchmarks/quality.py --seeds 0 1 2        # spread over seeds
     python benchmarks/quality.py --configs configs/bench_bbc_lora.yaml
+    python benchmarks/quality.py --quick --out /tmp/quality   # configs/smoke.yaml, 1 round (the test suite's run)
 
-Writes benchmarks/results/quality.md and quality.json (command, machine, date, table).
+Writes benchmarks/results/quality.md and quality.json (command, machine, date, table), or under --out.
 """
 
 from __future__ import annotations
@@ -23,22 +24,26 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info  # noqa: E402
+from machine import QUICK_SETS, add_quick_args, machine_info, results_dir  # noqa: E402
 
 from fedfm import config, server  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT = ["configs/bench_bbc_lora.yaml", "configs/bench_tweets_lora.yaml"]
+SMOKE = "configs/smoke.yaml"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=DEFAULT)
+    ap.add_argument("--configs", nargs="+", default=None, help=f"default {' '.join(DEFAULT)}; --quick: {SMOKE}")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_quick_args(ap, f"{SMOKE} on 240 articles, 1 round of 1 local step")
     ap.add_argument("--name", default="quality", help="result file stem under --out")
     args = ap.parse_args()
+    args.configs = args.configs or ([SMOKE] if args.quick else DEFAULT)
+    if args.quick:
+        args.overrides = [*QUICK_SETS, "rounds=1", *args.overrides]
+    args.out = results_dir(args)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +76,6 @@ def main() -> None:
 
 
 def write(rows: list[dict], args) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info = machine_info()
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
@@ -106,9 +110,12 @@ def write(rows: list[dict], args) -> None:
                 f"({'meets' if r['fed_over_central'] >= 0.95 else 'MISSES'} 0.95); "
                 f"federated - local-only = {100 * (r['federated'] - r['local_global']):+.1f} points" for r in rows]
     lines += ["", "## Verdict", "", *[f"- {v}" for v in verdicts], ""]
+    print("\n".join(lines), flush=True)
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.md").write_text("\n".join(lines))
     (args.out / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
-    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python benchmarks/rag.py --parts elements    # Elements: retrieval + answers for every mode
     python benchmarks/rag.py --parts foldoc      # FOLDOC: retrieval, exact vs RRF vs centralized
     python benchmarks/rag.py --parts retriever   # federated retriever training, re-index, held-out recall@5
+    python benchmarks/rag.py --quick --out /tmp/rag   # every part on a sliver (tests): see QUICK
 
 Parts:
 - elements: configs/rag_elements.yaml. Recall@k/MRR of the federated exact merge, RRF and one centralized
@@ -17,7 +18,7 @@ Parts:
   training data) over the whole federated collection, before and after (the question goes out as an
   embedding: computed once by the server instead of by each of the 9 owners).
 
-Writes benchmarks/results/rag.md and rag.json.
+Writes benchmarks/results/rag.md and rag.json, or under --out.
 """
 
 from __future__ import annotations
@@ -30,22 +31,28 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import result_header
+from machine import add_quick_args, result_header, results_dir
 
 from fedfm import config as run_config
 from fedfm.rag import config as rag_config
 from fedfm.rag.evaluate import evaluate, retrieval_eval, to_markdown
 from fedfm.rag.federation import FederatedRAG, index
 
-RESULTS = Path(__file__).parent / "results"
+# --quick overrides of each part: a few documents, questions and answers, one training round
+QUICK = {
+    "elements": ["collection.max_documents=24", "eval.max_questions=6", "eval.answer_questions=1",
+                 "generator.max_new_tokens=4"],
+    "foldoc": ["collection.max_documents=50", "eval.max_questions=10"],
+    "retriever": ["rounds=1", "data.max_examples=60", "train.local_steps=1", "train.batch_size=8", "eval.max_examples=16"],
+}
 
 
-def part_elements(tmp: Path, log) -> dict:
+def part_elements(tmp: Path, log, extra: list[str]) -> dict:
     out = {}
     for send in ("text", "embedding"):
         modes = "[closed_book, centralized, passages, owner_answers, guarded]" if send == "text" else "[]"
         cfg = rag_config.load("configs/rag_elements.yaml", [f"output_dir={tmp}", f"name=elements-{send}",
-                                                           f"query.send={send}", f"eval.modes={modes}"])
+                                                           f"query.send={send}", f"eval.modes={modes}", *extra])
         t0 = time.perf_counter()
         index(cfg, cfg.run_dir, log=lambda *_: None)
         t_index = time.perf_counter() - t0
@@ -56,8 +63,8 @@ def part_elements(tmp: Path, log) -> dict:
     return out
 
 
-def part_foldoc(tmp: Path, log) -> dict:
-    cfg = rag_config.load("configs/rag_foldoc.yaml", [f"output_dir={tmp}", "name=foldoc"])
+def part_foldoc(tmp: Path, log, extra: list[str]) -> dict:
+    cfg = rag_config.load("configs/rag_foldoc.yaml", [f"output_dir={tmp}", "name=foldoc", *extra])
     t0 = time.perf_counter()
     index(cfg, cfg.run_dir, log=log)
     t_index = time.perf_counter() - t0
@@ -67,12 +74,12 @@ def part_foldoc(tmp: Path, log) -> dict:
     return r
 
 
-def part_retriever(tmp: Path, log) -> dict:
+def part_retriever(tmp: Path, log, extra: list[str]) -> dict:
     from fedfm import server
     from fedfm.app import App
     from fedfm.data.dictd import foldoc_questions, load_collection
 
-    train_cfg = run_config.load("configs/rag_retriever_foldoc.yaml", [f"output_dir={tmp}"])
+    train_cfg = run_config.load("configs/rag_retriever_foldoc.yaml", [f"output_dir={tmp}", *extra])
     t0 = time.perf_counter()
     run_dir = server.run(train_cfg, "federated", tmp / "retriever-run")
     train_seconds = time.perf_counter() - t0
@@ -107,7 +114,8 @@ def part_retriever(tmp: Path, log) -> dict:
     return res
 
 
-def write(results: dict, header: list[str], command: str, info: dict) -> None:
+def write(results: dict, header: list[str], command: str, info: dict, out: Path | None) -> str:
+    """The results markdown (also written with the JSON under ``out``, unless None)."""
     lines = list(header)
     lines += ["", "All retrieval figures are over documents (a document counts once, at its best passage).", ""]
     if "elements" in results:
@@ -144,25 +152,33 @@ def write(results: dict, header: list[str], command: str, info: dict) -> None:
             m = r[name]["metrics"]["federated_exact"]
             lines.append(f"| {name} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} | {m['mrr']:.3f} |")
         lines.append("")
-    (RESULTS / "rag.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "rag.json").write_text(json.dumps({"command": command, "machine": info, **results}, indent=1))
+    text = "\n".join(lines) + "\n"
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rag.md").write_text(text)
+        (out / "rag.json").write_text(json.dumps({"command": command, "machine": info, **results}, indent=1))
+    return text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["elements", "foldoc", "retriever"],
                     choices=["elements", "foldoc", "retriever"])
+    add_quick_args(ap, "24 Elements entries (6 questions, 1 answered with 4 tokens), 50 FOLDOC entries, 1 training round on 60")
     args = ap.parse_args()
+    out = results_dir(args)
     command, info, header = result_header("Federated RAG: retrieval, answers, latency and bytes per mode", "benchmarks/rag.py")
-    previous = json.loads((RESULTS / "rag.json").read_text()) if (RESULTS / "rag.json").is_file() else {}
+    saved = out / "rag.json" if out else None
+    previous = json.loads(saved.read_text()) if saved and saved.is_file() else {}
     results = {k: previous[k] for k in ("elements", "foldoc", "retriever") if k in previous and k not in args.parts}
     with tempfile.TemporaryDirectory(prefix="fedfm-rag-bench-") as tmp:
         for part in args.parts:
-            results[part] = globals()[f"part_{part}"](Path(tmp), lambda m: print(m, flush=True))
+            extra = QUICK[part] if args.quick else []
+            results[part] = globals()[f"part_{part}"](Path(tmp), lambda m: print(m, flush=True), extra)
             results[part]["run"] = {"command": command, "date": info["date"]}
             kept = [f"  - {k}: `{r['run']['command']}`, {r['run']['date']}" for k, r in results.items() if "run" in r]
-            write(results, header + ["- each part's command and date:", *kept], command, info)
-    print((RESULTS / "rag.md").read_text())
+            text = write(results, header + ["- each part's command and date:", *kept], command, info, out)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ error feedback, so every client that ever trained keeps a residual (its private 
 memory does not grow with the number of clients.
 
     OMP_NUM_THREADS=2 python benchmarks/scale.py --clients 1000 10000
+    python benchmarks/scale.py --quick --out /tmp/scale      # 20 and 40 clients of 480 tweets, 2 rounds (tests)
 
 Orchestration cost per client = (round wall time - time inside client training - server evaluation) / sampled
 clients: the round loop's own work (sampling, task building, message encode/decode, screening, aggregation,
-client-state I/O). Writes benchmarks/results/scale.md and .json.
+client-state I/O). Writes benchmarks/results/scale.md and .json, or under --out.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import result_header  # noqa: E402
+from machine import add_quick_args, result_header, results_dir  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 CONFIG = Path(__file__).parent.parent / "configs" / "scale_tweets_10k.yaml"
+# --quick: 480 tweets (a few per client), short texts, small evaluations
+QUICK = ["data.max_examples=480", "data.max_length=32", "eval.max_examples=48", "eval.max_clients=8"]
 
 
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run(clients: int, rounds: int, sampled: int, threads: int) -> dict:
+def run(clients: int, rounds: int, sampled: int, threads: int, extra: list[str]) -> dict:
     """One run in this process; returns its row (peak RSS is of the whole process so far: run small N first)."""
     from fedfm import config, server
     from fedfm.app import App
@@ -41,7 +43,7 @@ def run(clients: int, rounds: int, sampled: int, threads: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="fedfm-scale-"))
     cfg = config.load(CONFIG, [f"federation.num_clients={clients}", f"federation.fraction={sampled / clients}",
                              f"federation.min_clients={sampled}", f"rounds={rounds}", f"output_dir={out}", "name=run",
-                             f"engine.threads={threads}", "seed=0"])
+                             f"engine.threads={threads}", "seed=0", *extra])
     t0 = time.perf_counter()
     app = App(cfg)
     setup_s = time.perf_counter() - t0
@@ -103,16 +105,22 @@ def run(clients: int, rounds: int, sampled: int, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", nargs="+", type=int, default=[1000, 10000])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--sampled", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clients", nargs="+", type=int, default=None, help="default 1000 10000; --quick 20 40")
+    ap.add_argument("--rounds", type=int, default=None, help="default 5; --quick 2")
+    ap.add_argument("--sampled", type=int, default=None, help="clients per round (default 100; --quick 4)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --quick 1)")
     ap.add_argument("--name", default="scale")
+    add_quick_args(ap, "20 and 40 clients of 480 tweets, 4 sampled per round, 2 rounds, 1 thread")
     args = ap.parse_args()
+    args.clients = args.clients or ([20, 40] if args.quick else [1000, 10000])
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.sampled = args.sampled or (4 if args.quick else 100)
+    args.threads = args.threads or (1 if args.quick else 2)
+    out = results_dir(args)
     _, info, header = result_header("10,000 simulated clients", "benchmarks/scale.py")
     rows = []
     for n in sorted(args.clients):  # smallest first: ru_maxrss is a high-water mark of the whole process
-        rows.append(run(n, args.rounds, args.sampled, args.threads))
+        rows.append(run(n, args.rounds, args.sampled, args.threads, QUICK if args.quick else []))
         print(json.dumps(rows[-1]), flush=True)
     lines = header + [
         f"- setup: CrowdFlower tweets (38k, IID over N clients), {args.sampled} sampled per round, MiniLM + LoRA r=8, "
@@ -133,8 +141,11 @@ def main() -> None:
             f"{r['train_share']:.0%} | {r['orchestration_ms_per_client']:.1f} ms | {cs['clients']:,} | "
             f"{cs['disk_bytes'] / 2**20:.0f} MiB | {r['finish_s']:.0f} s | {r['accuracy']:.1%} |"
         )
-    RESULTS.joinpath(f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    RESULTS.joinpath(f"{args.name}.json").write_text(json.dumps({"header": header, "machine": info, "rows": rows}, indent=1))
+    print("\n".join(lines))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+        (out / f"{args.name}.json").write_text(json.dumps({"header": header, "machine": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

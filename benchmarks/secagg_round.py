@@ -1,11 +1,13 @@
 """Secure aggregation inside real rounds: its share of round time and bytes on the MiniLM-LoRA task.
 
     python benchmarks/secagg_round.py                 # configs/secagg_tweets.yaml, 3 rounds per variant
+    python benchmarks/secagg_round.py --quick --out /tmp/secagg_round   # 8 owners, 240 tweets, 1 round (tests)
 
 Variants of the same config and seed (DP off, so only secure aggregation differs): plain FedAvg, SecAgg
 (complete graph) and SecAgg+ (neighbours 'auto'), each with the config's 30% of sampled owners vanishing
 after the key exchange. Secure-aggregation time is the key exchange, the clients' encoding and masking, the
-unmasking and the server's reconstruction, as measured by the round loop. Writes benchmarks/results/secagg_round.md and .json.
+unmasking and the server's reconstruction, as measured by the round loop. Writes benchmarks/results/secagg_round.md
+and .json, or under --out.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import result_header  # noqa: E402
+from machine import QUICK_SETS, add_quick_args, result_header, results_dir  # noqa: E402
 
 from fedfm import config, server  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+# every sampled owner (Poisson, q=1): the round keeps enough reporters after the 30% that vanish
+QUICK = [*QUICK_SETS, "federation.num_clients=8", "federation.fraction=1.0", "federation.min_clients=3"]
 VARIANTS = {
     "plain FedAvg": ["secagg.enabled=false"],
     "SecAgg (complete graph)": ["secagg.enabled=true", "secagg.neighbours=null"],
@@ -34,13 +37,16 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/secagg_tweets.yaml")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per variant (default 3; --quick 1)")
+    add_quick_args(ap, "1 round, 8 owners, 240 tweets, 1 local step")
     args = ap.parse_args()
+    args.out = results_dir(args)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.overrides = QUICK if args.quick else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in VARIANTS.items():
-            overrides = [f"rounds={args.rounds}", "dp.mode=off", "dp.target_epsilon=null", f"output_dir={tmp}", f"name=v{len(rows)}", *extra]
+            overrides = [f"rounds={args.rounds}", "dp.mode=off", "dp.target_epsilon=null", f"output_dir={tmp}", f"name=v{len(rows)}", *args.overrides, *extra]
             cfg = config.load(args.config, overrides)
             run_dir = server.run(cfg)
             recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -66,9 +72,8 @@ def main() -> None:
 
 
 def write(rows: list[dict], args) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
     command, info, lines = result_header("Secure aggregation in real rounds: share of round time (MiniLM + LoRA, tweets)", "benchmarks/secagg_round.py")
-    cfg = config.load(args.config)
+    cfg = config.load(args.config, args.overrides)
     plain = rows[0]["round_time_s"]
     lines += [
         f"- setup: `{args.config}` with DP off: {cfg.federation.num_clients} owners, Poisson sampling q={cfg.federation.fraction}, "
@@ -88,9 +93,12 @@ def write(rows: list[dict], args) -> None:
             f"{r['round_time_s'] / plain:.2f}x | {r['bytes_up_per_round'] / 2**20:.2f} MiB | {r['secagg_bytes_per_round'] / 2**20:.2f} MiB | "
             f"{r['reporters']:.1f} | {r['vanished']:.1f} |"
         )
+    print("\n".join(lines))
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "secagg_round.md").write_text("\n".join(lines) + "\n")
     (args.out / "secagg_round.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ owners, Dirichlet label skew) with a few overrides; two runs at a time, one torc
     OMP_NUM_THREADS=1 python benchmarks/updates.py --suite faults           # dropouts, stragglers, SCAFFOLD
     ... --only NAME [--only NAME]   run some variants of a suite (rows are merged into the existing results)
     ... --render                    rewrite the .md from the .json
+    python benchmarks/updates.py --suite attacks --quick --out /tmp/updates   # 2 variants on a sliver (tests)
 
-Writes benchmarks/results/updates_<suite>.md and .json.
+Writes benchmarks/results/updates_<suite>.md and .json, or under --out.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import result_header  # noqa: E402
+from machine import QUICK_SETS, add_quick_args, result_header, results_dir  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 CONFIG = "configs/bench_updates_bbc.yaml"
+# --quick: 2 rounds over 5 owners (one of them Byzantine in the attacks suite) on a sliver of BBC
+QUICK = [*QUICK_SETS, "rounds=2", "federation.num_clients=5"]
 EF = "compression.error_feedback"
 
 SUITES: dict[str, dict[str, list[str]]] = {
@@ -158,6 +160,15 @@ def run_variant(args: tuple[str, list[str], str, list[str]]) -> dict:
     return row
 
 
+def check_variants(config_path: str, common: list[str]) -> None:
+    """Load every variant of every suite as a config: a renamed key or value fails before anything runs."""
+    from fedfm import config
+
+    for variants in SUITES.values():
+        for overrides in variants.values():
+            config.load(config_path, [*common, *overrides])
+
+
 def render(suite: str, header: list[str], rows: list[dict]) -> str:
     lines = list(header)
     by = {r["variant"]: r for r in rows}
@@ -219,9 +230,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--name", help="results file name (default updates_<suite>)")
+    add_quick_args(ap, "the suite's first 2 variants (every suite's variants are still loaded as configs), "
+                   "240 articles over 5 owners, 2 rounds of 1 local step")
     args = ap.parse_args()
-    path = RESULTS / f"{args.name or 'updates_' + args.suite}.json"
-    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if args.quick:
+        args.common = [*QUICK, *args.common]
+        check_variants(args.config, args.common)
+    out = results_dir(args)
+    path = out / f"{args.name or 'updates_' + args.suite}.json" if out else None
+    old = json.loads(path.read_text()) if path and path.exists() else {"rows": []}
     if args.render:
         path.with_suffix(".md").write_text(render(args.suite, old["header"], old["rows"]))
         return
@@ -229,7 +246,7 @@ def main() -> None:
     unknown = [v for v in args.only if v not in variants]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(variants)}")
-    chosen = args.only or list(variants)
+    chosen = args.only or list(variants)[: 2 if args.quick else None]
     command, info, header = result_header(f"Cheap and robust updates: {args.suite}", "benchmarks/updates.py")
     header += [f"- config: `{args.config}`" + (f" with {' '.join(args.common)}" if args.common else ""),
                "- two runs at a time, one torch thread each (wall times are for comparison within this table only)"]
@@ -243,6 +260,9 @@ def main() -> None:
             print(f"{row['variant']}: acc {row['accuracy']:.3f} up/update {row['bytes_up_per_update']:,.0f} B "
                   f"wall {row['wall_s']:.0f}s", flush=True)
             ordered = [rows[v] for v in variants if v in rows]
+            if path is None:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"header": header, "machine": info, "rows": ordered}, indent=1))
             path.with_suffix(".md").write_text(render(args.suite, header, ordered))
 
