@@ -109,7 +109,7 @@ def main() -> None:
     else:
         from flower_bench import suite_flower
 
-        rows, table = suite_flower(args.rounds, QUICK if args.quick else [])
+        rows, table = suite_flower(args.rounds, QUICK if args.quick else [], args.quick)
     command, info, head = result_header(f"Engines: {args.suite}", "benchmarks/engines.py")
     print(table)
     if out is not None:

@@ -81,3 +81,14 @@ def results_dir(args: argparse.Namespace) -> Path | None:
     if args.out is not None:
         return args.out
     return None if args.quick else RESULTS
+
+
+def write_results(out: Path | None, stem: str, md: str, data: dict) -> None:
+    """``<stem>.md`` and ``<stem>.json`` into ``out`` (None: write nothing)."""
+    import json
+
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))

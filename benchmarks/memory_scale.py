@@ -4,8 +4,8 @@ A ~0.5B-parameter Llama (hidden 1024, 24 layers, MLP 4096, untied 49,152-token S
 parameters) is built from a config with random weights (``model.source: scratch``; no pretrained weights of this
 size install here, and random weights cost the same memory). 8 clients x 1 local step (batch 1 x 64 tokens of the
 Shakespeare corpus), full fine-tuning in float32, FedAvg, one round through ``Runner.round`` of the embedded engine.
-The same with 12 layers (302M parameters) is where the old path still fits. (``model.dtype: bfloat16`` is accepted
-by the config but not yet applied to the model: the reduced-precision issue covers it, so float32 only.)
+The same with 12 layers (302M parameters) is where the old path still fits. ``--levers`` measures one client's
+step of the 0.5B model with gradient checkpointing, micro-batches and bf16 weights on and off.
 
 Each measurement is a fresh child process (``--child``): it builds the App, resets the kernel's RSS high-water mark
 (VmHWM, ``/proc/self/clear_refs``), runs the round and reports the high-water mark of the round alone and of the
@@ -23,6 +23,7 @@ same App (``bare_round``): the floor any implementation meets, AdamW's temporari
 
     python benchmarks/memory_scale.py --old-python /tmp/old-venv/bin/python   # full (~40 min on 2 cores)
     python benchmarks/memory_scale.py --quick --out /tmp/ms                     # tiny Llama, same code (~20 s)
+    python benchmarks/memory_scale.py --levers     # checkpointing / micro-batches / bf16 at 0.5B (~10 min)
 """
 
 from __future__ import annotations
@@ -89,9 +90,13 @@ def child(cfg_path: Path) -> None:
     from fedfm.server import Runner
 
     raw = json.loads(cfg_path.read_text())
-    bare = raw.pop("bare", False)
+    bare, client_only = raw.pop("bare", False), raw.pop("client_only", False)
     app = App(from_dict(raw))
-    if bare:
+    if client_only:  # --levers: one client's training alone (its update as it leaves the client)
+        from fedfm.types import ClientTask
+
+        round_ = lambda: {"train_loss": app.client_train(0, ClientTask(1, app.initial_weights)).metrics["train_loss"]}  # noqa: E731
+    elif bare:
         round_ = lambda: bare_round(app)  # noqa: E731
     else:
         runner = Runner(app, "federated", RunDir(Path(raw["output_dir"]) / "run"))
@@ -233,15 +238,68 @@ def markdown(res: dict[str, Any], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --levers: one client's step of full fine-tuning with the memory levers on and off (batch 4 x 256 tokens)
+LEVERS = [("float32", {}), ("float32", {"gradient_checkpointing": True}), ("float32", {"micro_batch_size": 1}),
+          ("float32", {"gradient_checkpointing": True, "micro_batch_size": 1}),
+          ("bfloat16", {"gradient_checkpointing": True, "micro_batch_size": 1})]
+
+
+def lever_config(arch: dict, dtype: str, train: dict[str, Any], quick: bool) -> dict[str, Any]:
+    raw = config(arch, dtype, 1, "")
+    raw["data"].update(max_length=64 if quick else 256, max_examples=200)
+    raw["train"].update(batch_size=4, **train)
+    return {**raw, "client_only": True}
+
+
+def levers(args) -> tuple[dict[str, Any], str]:
+    """Peak memory of one client's round under each lever, beside fedfm.sizing's estimate of the same config."""
+    from fedfm.config import from_dict
+    from fedfm.sizing import estimate
+
+    arch = ARCH_QUICK if args.quick else ARCH_05B
+    interpreter = run_child(sys.executable, None, None)["imports_hwm_kb"] * 1024 / GIB  # python + fedfm imported
+    runs = []
+    for dtype, train in LEVERS[:2] if args.quick else LEVERS:
+        raw = lever_config(arch, dtype, train, args.quick)
+        res = run_child(sys.executable, raw, None)
+        est = estimate(from_dict({**{k: v for k, v in raw.items() if k != "client_only"}, "output_dir": "/tmp"}))
+        row = {"dtype": dtype, **{"gradient_checkpointing": False, "micro_batch_size": None}, **train, **res,
+               "estimate_gib": est.peak_bytes / GIB, "estimate_activations_gib": est.activation_bytes / GIB}
+        if "round_hwm_kb" in res:
+            row["round_peak_gib"] = res["round_hwm_kb"] * 1024 / GIB
+        runs.append(row)
+        print(f"[levers] {row}", file=sys.stderr, flush=True)
+    base = runs[0].get("round_peak_gib")
+    lines = ["", f"One client's round alone (`App.client_train`: weights copied in, one step, the update out as float32), full fine-tuning of the scratch Llama ({runs[0].get('params', 0):,} "
+             f"parameters, random weights), batch 4 x {lever_config(arch, 'float32', {}, args.quick)['data']['max_length']} "
+             "tokens, AdamW; peak = the client round's RSS high-water mark in a fresh process, which includes the "
+             "server's float32 copy of the weights the App keeps and the interpreter with fedfm imported ({interpreter:.2f} GiB, measured alone). Estimate = `fedfm info` (fedfm.sizing's "
+             "formula, without the interpreter) for the same config.", "",
+             "| model.dtype | gradient checkpointing | micro-batch | round peak RSS | vs first row | peak - interpreter "
+             "| estimate (fedfm info) | train loss |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        peak = r.get("round_peak_gib")
+        lines.append(f"| {r['dtype']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+                     f"{r['micro_batch_size'] or 'off (4)'} | "
+                     + (f"{peak:.2f} GiB | {peak / base:.2f}x | {peak - interpreter:.2f} GiB" if peak and base
+                        else f"not run: {r.get('error')} | |")
+                     + f" | {r['estimate_gib']:.2f} GiB | {r.get('train_loss') or float('nan'):.4f} |")
+    return {"levers": runs, "interpreter_gib": interpreter}, "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a 2-layer hidden-64 Llama, 2 clients")
     ap.add_argument("--old-python", default=None, help="interpreter of an older fedfm install to run the same child")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; quick: none)")
+    ap.add_argument("--levers", action="store_true", help="only the memory levers (gradient checkpointing, "
+                    "micro-batches, bf16) on one client: writes memory_levers.{md,json}")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child)
+    if args.levers:
+        return main_levers(args)
     sizes = {"tiny": ARCH_QUICK} if args.quick else {"0.5B": ARCH_05B, "0.3B": ARCH_03B}
     clients = 2 if args.quick else 8
     imports = run_child(sys.executable, None, None)
@@ -262,6 +320,21 @@ def main() -> None:
         (out / "memory_scale.md").write_text(md)
         (out / "memory_scale.json").write_text(json.dumps({"command": command, "machine": info, **res}, indent=1))
     if any("error" in r for r in runs):
+        sys.exit(1)
+
+
+def main_levers(args) -> None:
+    sys.path.insert(0, str(HERE))
+    from machine import result_header, write_results
+
+    res, table = levers(args)
+    command, info, header = result_header("Memory levers: gradient checkpointing, micro-batches, bf16",
+                                          "benchmarks/memory_scale.py")
+    md = "\n".join(header) + "\n" + table + "\n"
+    print(md)
+    write_results(args.out if args.out or args.quick else HERE / "results", "memory_levers", md,
+                  {"command": command, "machine": info, **res})
+    if any("error" in r for r in res["levers"]):
         sys.exit(1)
 
 

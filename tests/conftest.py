@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two test workers on CI's two cores: one torch thread each (and in every subprocess a test starts), instead of
+    # two workers x two threads spinning on two cores. Bitwise comparisons hold: both sides of each run in one worker.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from fedfm import server
 

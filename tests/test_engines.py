@@ -20,7 +20,8 @@ from fedfm.owner import export_owners, load_owner
 
 from test_e2e import final_state, tiny
 
-pytestmark = pytest.mark.slow
+# Ray clusters one at a time: every service test runs on the same pytest-xdist worker (loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("services")]
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from fedfm.owner import export_owners
 
 from test_e2e import final_state, tiny
 
-pytestmark = pytest.mark.slow
+# one local federation at a time: every service test runs on the same pytest-xdist worker (loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("services")]
 
 FLOWER = ("engine.name=flower", "engine.threads=1", "engine.timeout_s=120", "engine.connect_s=20")
 

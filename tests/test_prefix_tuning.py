@@ -20,7 +20,7 @@ sys.path.insert(0, str(FIX))
 from prefix_reference import reference_logits  # noqa: E402
 
 from fedfm.config import PeftSection  # noqa: E402
-from fedfm.models import load_classifier, load_tokenizer  # noqa: E402
+from fedfm.models import Build, load_classifier, load_tokenizer  # noqa: E402
 
 
 def test_prefix_tuned_encoder_gives_peft_reference_logits():
@@ -30,7 +30,7 @@ def test_prefix_tuned_encoder_gives_peft_reference_logits():
 
 
 def test_the_prefix_reaches_the_encoder_and_survives_a_copy():
-    model = load_classifier("minilm", ["a", "b"], PeftSection(method="prefix_tuning", options={"num_virtual_tokens": 4}), 0)
+    model = load_classifier("minilm", ["a", "b"], Build(PeftSection(method="prefix_tuning", options={"num_virtual_tokens": 4}), 0))
     batch = load_tokenizer("minilm")(["the flight was late again"], return_tensors="pt")
     model.eval()
     twin = copy.deepcopy(model)

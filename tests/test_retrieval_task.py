@@ -157,9 +157,9 @@ def test_config_accepts_retrieval_sources():
 @pytest.mark.slow
 def test_full_fine_tuning_trains_every_weight_but_the_unused_pooler():
     from fedfm.config import PeftSection
-    from fedfm.models import count_params, load_encoder_for_training, trainable_params
+    from fedfm.models import Build, count_params, load_encoder_for_training, trainable_params
 
-    model = load_encoder_for_training("minilm", PeftSection(method="none"), 0)
+    model = load_encoder_for_training("minilm", Build(PeftSection(method="none"), 0))
     trainable, total = count_params(model)
     assert not any("pooler" in n for n in trainable_params(model))
     assert total - trainable == 384 * 384 + 384  # the pooler's dense layer: mean pooling never uses it

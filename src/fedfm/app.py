@@ -25,6 +25,7 @@ from fedfm.features.base import ClientRound, Feature
 from fedfm.lora import lora_pairs
 from fedfm.models import count_params, get_weights, set_weights
 from fedfm.owner import load_owner
+from fedfm.placement import placement
 from fedfm.registry import build_features
 from fedfm.store import ClientStates
 from fedfm.tasks import build_task
@@ -56,6 +57,8 @@ class App:
         self.cfg = cfg
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
+        # device and precision first: a device this machine does not have stops the run before any data loads
+        self.placement = placement(cfg.train.device, cfg.model.dtype, cfg.train.mixed_precision)
         self.owner: dict | None = None
         if owner is None:
             self.dataset: TextDataset = load_dataset(cfg.data, cfg.seed, cfg.task)
@@ -67,7 +70,7 @@ class App:
                 raise ConfigError("a deployed owner cannot train the BPE tokenizer on everyone's text: use a packaged "
                                   "tokenizer (model.tokenizer)")
             self.dataset, self.split, self.owner = load_owner(owner, cfg)
-        self.tokenizer, self.task, self.model, data = build_task(cfg, self.dataset, self.split)
+        self.tokenizer, self.task, self.model, data = build_task(cfg, self.dataset, self.split, self.placement)
         self.shards = [
             Shard(name, data(tr), data(te))
             for name, tr, te in zip(self.split.client_names, self.split.client_train, self.split.client_test)

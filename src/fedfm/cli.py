@@ -198,8 +198,25 @@ def audit(
 
 @app.command()
 @_user_errors
-def info():
-    """What is available here: models, datasets, peft methods, strategies, partitioners, engines."""
+def info(
+    config: Optional[Path] = typer.Argument(None, help="A config to size: model, what travels, client memory."),
+    overrides: Optional[list[str]] = SetOpt,
+):
+    """What is available here (models, datasets, peft methods, strategies, partitioners, engines); with a CONFIG,
+    what it costs: the model's size, its trainable share, bytes per round each way, a client's estimated peak memory."""
+    if config is not None:
+        from fedfm import config as config_mod
+        from fedfm.sizing import estimate
+
+        cfg = config_mod.load(config, list(overrides or []))
+        table = Table(title=f"{cfg.name}: {cfg.model.source}, peft {cfg.peft.method}, {cfg.model.dtype}"
+                      + (f", {cfg.model.quantization}" if cfg.model.quantization else ""), show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("size")
+        for name, detail in estimate(cfg).rows():
+            table.add_row(name, detail)
+        out.print(table)
+        return
     from fedfm.info import collect
 
     for title, rows in collect().items():

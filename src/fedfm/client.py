@@ -16,6 +16,7 @@ import torch
 from fedfm.config import TrainConfig
 from fedfm.errors import TrainingError
 from fedfm.models import set_weights, trainable_params
+from fedfm.placement import placement_of
 from fedfm.types import ClientTask, ClientUpdate, Weights
 
 
@@ -114,12 +115,19 @@ def train(
     finally:
         if private is not None:
             private.close()
-    delta = {name: p.detach() - ctask.weights[name] for name, p in params.items()}
+    # the change leaves the device once, as float32 on the CPU; measured from the start as the parameters held it
+    # (rounded to their dtype), so a lower-precision client adds only what it trained to the server's float32 weights
+    delta = {name: p.detach().float().cpu() - _as_held(ctask.weights[name], p) for name, p in params.items()}
     metrics = {"train_loss": float(loss_sum) / len(batches), "steps": len(batches), "examples_seen": budget, "lr": lr}
     if private is not None:
         metrics["dpsgd_q"] = min(1.0, batch_size / n)
     kept = adamw_state(adam, params) if optimizer_state is not None else None
     return ClientUpdate(client=client_name, delta=delta, num_examples=n, metrics=metrics, control=grad_mean, optimizer=kept)
+
+
+def _as_held(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``w`` (float32, CPU) as the parameter ``p`` holds it once copied in: rounded to ``p``'s dtype."""
+    return w if p.dtype == torch.float32 else w.to(p.dtype).float()
 
 
 def adamw_state(opt: torch.optim.AdamW, params: dict[str, torch.Tensor]) -> Weights:
@@ -131,7 +139,7 @@ def adamw_state(opt: torch.optim.AdamW, params: dict[str, torch.Tensor]) -> Weig
     for name, p in params.items():
         st = opt.state.get(p)
         if st:
-            out[f"m.{name}"], out[f"v.{name}"] = st["exp_avg"].detach().clone(), st["exp_avg_sq"].detach().clone()
+            out[f"m.{name}"], out[f"v.{name}"] = st["exp_avg"].detach().cpu().clone(), st["exp_avg_sq"].detach().cpu().clone()
             out[f"step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
     return out
 
@@ -143,21 +151,25 @@ def load_adamw_state(opt: torch.optim.AdamW, params: dict[str, torch.Tensor], st
         m, v, step = state.get(f"m.{name}"), state.get(f"v.{name}"), state.get(f"step.{name}")
         if m is None or v is None or step is None or m.shape != p.shape or v.shape != p.shape:
             continue
-        opt.state[p] = {"step": torch.tensor(float(step.item())), "exp_avg": m.clone().to(p.dtype),
-                        "exp_avg_sq": v.clone().to(p.dtype)}
+        opt.state[p] = {"step": torch.tensor(float(step.item())), "exp_avg": m.to(p.device, p.dtype, copy=True),
+                        "exp_avg_sq": v.to(p.device, p.dtype, copy=True)}
 
 
 def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private, control=None):
     """The optimiser steps of one round; returns the summed loss, the last learning rate and (SCAFFOLD) the mean
     gradient."""
     model.train()
-    loss_sum, lr = torch.zeros(()), cfg.lr
+    where = placement_of(model)
+    scaler = where.scaler()  # fp16 on CUDA only
+    loss_sum, lr = torch.zeros((), device=where.device), cfg.lr
     correction = grad_sum = None
     if control is not None:  # SCAFFOLD: g <- g + (c - c_i); the raw gradients are averaged for the next c_i
         c, c_i = control
-        correction = {k: c[k] - c_i[k] for k in params}
+        correction = {k: (c[k] - c_i[k]).to(p.device, p.dtype) for k, p in params.items()}
         grad_sum = {k: torch.zeros_like(p) for k, p in params.items()}
-    pen = ctask.config.get("penalty")  # a fedfm.types.Penalty, or None
+    if logit_offset is not None:
+        logit_offset = logit_offset.to(where.device)
+    penalty = _penalty(ctask, params)
     for k, idx in enumerate(batches):
         lr = lr_at((ctask.round - 1 + k / len(batches)) / rounds, cfg)
         for group in opt.param_groups:
@@ -165,22 +177,10 @@ def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, par
         if len(idx) == 0:  # an empty Poisson batch (DP-SGD only): the step still releases pure noise
             private.noise_step()
             continue
-        batch = task.batch(data, idx)
-        loss = task.loss(model, batch) if logit_offset is None else task.loss(model, batch, logit_offset)
-        if ctask.prox_mu > 0:  # FedProx: mu/2 * ||w - w_global||^2 keeps the client near the global model
-            prox = sum((p - ctask.weights[name]).pow(2).sum() for name, p in params.items())
-            loss = loss + 0.5 * ctask.prox_mu * prox
-        if pen is not None:  # continual learning (EWC / L2-SP): c/2 * sum F (w - w_anchor)^2 keeps earlier stages
-            sq = {name: (p - pen.anchor[name]).pow(2) for name, p in params.items()}
-            quad = sum((sq[n] if pen.precision is None else pen.precision[n] * sq[n]).sum() for n in sq)
-            loss = loss + 0.5 * pen.coefficient * quad
-        if not torch.isfinite(loss):
-            loss = loss.detach()
-            raise TrainingError(
-                f"client {client_name}, round {ctask.round}, local step {k}: loss is {loss.item()}; "
-                "lower train.lr or enable train.max_grad_norm"
-            )
-        loss.backward()
+        loss = _backward(model, data, task, idx, cfg, where, scaler, logit_offset, penalty, f"client {client_name}, "
+                         f"round {ctask.round}, local step {k}")
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip and correct true gradients
         if cfg.max_grad_norm is not None and private is None:  # DP-SGD clips per example instead
             torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
         if correction is not None:
@@ -189,8 +189,66 @@ def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, par
                     p.grad = torch.zeros_like(p)
                 grad_sum[k] += p.grad
                 p.grad.add_(correction[k])
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-    grad_mean = {k: g / max(1, len(batches)) for k, g in grad_sum.items()} if grad_sum is not None else None
-    return loss_sum, lr, grad_mean
+        loss_sum += loss
+    grad_mean = {k: (g / max(1, len(batches))).float().cpu() for k, g in grad_sum.items()} if grad_sum is not None else None
+    return loss_sum.cpu(), lr, grad_mean
+
+
+def _penalty(ctask, params):
+    """A function adding to a step's loss, once per step, the terms that depend on the parameters alone: FedProx's
+    mu/2 * ||w - w_global||^2 keeps the client near the global model; continual learning's c/2 * sum F (w - w_anchor)^2
+    (EWC / L2-SP) keeps what earlier stages learned. None when neither applies. Their references are copied to the
+    parameters' device once per round."""
+    pen = ctask.config.get("penalty")  # a fedfm.types.Penalty, or None
+    if ctask.prox_mu <= 0 and pen is None:
+        return None
+    on = {name: p.device for name, p in params.items()}
+    start = {n: ctask.weights[n].to(on[n]) for n in params} if ctask.prox_mu > 0 else None
+    anchor = {n: pen.anchor[n].to(on[n]) for n in params} if pen is not None else None
+    precision = {n: pen.precision[n].to(on[n]) for n in params} if pen is not None and pen.precision is not None else None
+
+    def add(loss: torch.Tensor) -> torch.Tensor:
+        if start is not None:
+            loss = loss + 0.5 * ctask.prox_mu * sum((p - start[n]).pow(2).sum() for n, p in params.items())
+        if anchor is not None:
+            sq = {n: (p - anchor[n]).pow(2) for n, p in params.items()}
+            quad = sum((sq[n] if precision is None else precision[n] * sq[n]).sum() for n in sq)
+            loss = loss + 0.5 * pen.coefficient * quad
+        return loss
+
+    return add
+
+
+def _backward(model, data, task, idx, cfg, where, scaler, logit_offset, penalty, at: str) -> torch.Tensor:
+    """Gradients of one batch's loss, accumulated over micro-batches of ``train.micro_batch_size`` examples.
+
+    Each micro-batch's mean loss is weighted by its share of the batch's loss terms (examples, or predicted tokens
+    for language models: ``task.loss_terms``), so the accumulated gradient is the full batch's mean-loss gradient
+    up to float rounding. A micro-batch with no loss terms (every response cut off) adds nothing and is skipped. The
+    penalty joins the first micro-batch computed, once. Returns the batch's loss (detached)."""
+    size = cfg.micro_batch_size or len(idx)
+    parts = list(idx.split(size)) if size < len(idx) else [idx]
+    batches = [task.batch(data, part) for part in parts]
+    terms = [task.loss_terms(b) for b in batches] if len(parts) > 1 else [1]
+    total = sum(terms) or 1  # all zero: each part's loss is NaN, as the full batch's would be, and the check says so
+    out = torch.zeros((), device=where.device)
+    for j, batch in enumerate(batches):
+        if terms[j] == 0 and sum(terms) > 0:
+            continue
+        batch = where.move(batch)
+        with where.autocast():
+            loss = task.loss(model, batch) if logit_offset is None else task.loss(model, batch, logit_offset)
+        loss = loss.float() * (terms[j] / total) if len(parts) > 1 else loss.float()
+        if penalty is not None:
+            loss, penalty = penalty(loss), None
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{at}: loss is {loss.detach().item()}; lower train.lr or enable train.max_grad_norm")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        out += loss.detach()
+    return out

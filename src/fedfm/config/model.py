@@ -28,7 +28,19 @@ class ModelConfig(Section):
         description="transformers LlamaConfig keyword arguments of a 'scratch' model (hidden_size, "
         "num_hidden_layers, num_attention_heads, intermediate_size, ...); fedfm's CPU-sized defaults fill the rest.",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype on the client.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Storage dtype of the base model's weights on the client (float16: CUDA only). A peft method's "
+        "trainable tensors stay float32 over a lower-precision base and forward passes autocast to this dtype "
+        "(float32 master copies of what trains); with peft.method=none every weight trains in this dtype. Updates "
+        "travel as float32 whatever the dtype.",
+    )
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None,
+        description="QLoRA (Dettmers et al. 2023): load the frozen base quantized by bitsandbytes, 4bit = NF4 with "
+        "double quantisation computing in model.dtype (bfloat16 unless set), 8bit = LLM.int8(); peft's k-bit "
+        "preparation follows. Needs a peft method (only the adapter trains and travels) and pretrained weights.",
+    )
 
 
 PeftMethod = Literal["none", "lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]

@@ -52,6 +52,8 @@ class Cap(Enum):
     FEDERATED_SIMULATION = auto()  # simulated in federated training only (not in the baselines)
     BASELINES = auto()  # the run compares centralized / local / server-only training
     DEPLOYED = auto()  # runs on real owners' machines (Flower)
+    WHOLE_BATCH_LOSS = auto()  # the loss is a function of the whole batch, not a sum of per-example terms
+    SPLITS_BATCHES = auto()  # computes one batch's gradient as the weighted sum of its micro-batches' gradients
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ RULES = [
     Rule(Cap.CONTROL_VARIATES, Cap.SERVER_UPDATE, "{a} with {b}: the server's update carries no control variate"),
     Rule(Cap.FEDERATED_SIMULATION, Cap.BASELINES, "{a} with {b}: {a_why}; set compare.methods=[federated]"),
     Rule(Cap.PLAIN_SIMULATION, Cap.CLIENT_PRIVACY, "{a} with {b}: {a_why}"),
+    Rule(Cap.SPLITS_BATCHES, Cap.WHOLE_BATCH_LOSS, "{a} with {b}: {b_why}, so a batch's loss is not the sum of its "
+         "micro-batches' losses; unset train.micro_batch_size"),
+    Rule(Cap.SPLITS_BATCHES, Cap.PER_EXAMPLE, "{a} with {b}: per-example clipping and noise apply once per optimizer "
+         "step of the whole batch; unset train.micro_batch_size"),
     Rule(Cap.SIMULATED, Cap.DEPLOYED, "{a} is not available on {b}: {a_why}"),
 ]
 

@@ -139,6 +139,11 @@ class RunConfig(Section):
             raise ValueError("model.source=scratch builds a causal LM: set task=causal_lm")
         if self.model.source == "scratch" and not self.model.tokenizer:
             raise ValueError("model.source=scratch needs model.tokenizer (bpe, smollm2 or a directory)")
+        if self.model.quantization is not None and self.peft.method == "none":
+            raise ValueError(f"model.quantization={self.model.quantization} freezes a quantized base: it needs a peft "
+                             "method (peft.method=lora for QLoRA), not full fine-tuning")
+        if self.model.quantization is not None and self.model.source == "scratch":
+            raise ValueError("model.quantization quantizes pretrained weights: not with model.source=scratch")
         if ("server" in self.compare.methods or self.server_data.steps > 0) and not self.server_data.active:
             raise ValueError("server_data.steps and the 'server' method need server_data.fraction > 0")
         for concern in (privacy_concern, continual_concern, strategy_concern, federation_concern, updates_concern):
@@ -156,8 +161,8 @@ class RunConfig(Section):
         """The task, the comparison's baselines and the server's own data."""
         out = []
         if self.task == "retrieval":
-            out.append(Part("task=retrieval", {Cap.COUPLED_EXAMPLES: "the in-batch-negatives loss couples the examples "
-                                               "of a batch (each one is the others' negative)"},
+            coupled = "the in-batch-negatives loss couples the examples of a batch (each one is the others' negative)"
+            out.append(Part("task=retrieval", {Cap.COUPLED_EXAMPLES: coupled, Cap.WHOLE_BATCH_LOSS: coupled},
                             fix="use dp (client-level DP-FedAvg) instead"))
         if self.task == "instruction":
             out.append(Part("task=instruction", {Cap.COUPLED_EXAMPLES: "its response-only loss is not supported with "

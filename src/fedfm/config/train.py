@@ -35,6 +35,27 @@ class TrainConfig(Section):
         "cosine", description="LR schedule over the whole run (continues across rounds)."
     )
     warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the run spent in linear warm-up.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="Where the base model and the batches live: auto (CUDA when torch sees a GPU, else the CPU; each "
+        "process decides on its own machine), cpu, cuda, cuda:N. Updates leave it once per round, as float32.",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        description="Autocast forward passes to bf16 (CPU and CUDA) or fp16 (CUDA, with a GradScaler); the weights "
+        "keep model.dtype.",
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1,
+        description="Gradient accumulation: each batch of train.batch_size runs as micro-batches of this many "
+        "examples, each loss weighted by its share of the batch's loss terms, so the step equals the full batch's.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass instead of keeping them (transformers' gradient "
+        "checkpointing, non-reentrant): less memory, about a third more compute.",
+    )
     keep_optimizer_state: bool = Field(
         False,
         description="Each client keeps its AdamW moments and step count from one round to the next (on its own "
@@ -59,6 +80,8 @@ def parts(cfg) -> list[Part]:
             "other examples' labels",
             Cap.LABEL_PRIOR: "", Cap.SIMULATED: "it needs every owner's label counts",
         }, fix="turn it off for private runs"))
+    if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size < cfg.train.batch_size:
+        out.append(Part("train.micro_batch_size", {Cap.SPLITS_BATCHES: ""}))
     if cfg.train.keep_optimizer_state:
         out.append(Part("train.keep_optimizer_state", {Cap.STATEFUL_CLIENT_OPT: ""}))
     return out

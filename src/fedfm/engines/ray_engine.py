@@ -17,6 +17,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import replace
 
+import torch
+
 from fedfm.engines.common import Broadcast, check_protocol, received, serialized, train_at_client
 from fedfm.errors import ClientDropout, FedFMError
 from fedfm.types import ClientTask, ClientUpdate, Weights
@@ -99,6 +101,10 @@ class RayEngine:
         self.workers = cfg.workers
         self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
         os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+        if cfg.gpus_per_worker and not cfg.address:
+            if torch.cuda.device_count() == 0:
+                raise FedFMError(f"engine.gpus_per_worker={cfg.gpus_per_worker:g}: this machine has no CUDA GPU for "
+                                 "a local Ray cluster; set it to 0 or give engine.address of a cluster with GPUs")
         self.started = not ray.is_initialized()
         if self.started:
             options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -107,13 +113,15 @@ class RayEngine:
                     ray.init(address=cfg.address, **options)
                 except (ConnectionError, RuntimeError, ValueError) as exc:
                     raise FedFMError(f"cannot reach the Ray cluster at engine.address={cfg.address}: {exc}") from None
-            else:  # a private local cluster, listening on loopback only
+            else:  # a private local cluster, listening on loopback only (Ray counts this machine's GPUs itself)
                 ray.init(num_cpus=self.workers * self.threads, object_store_memory=2 * 2**30, **options)
         config = app.cfg.model_dump(mode="json")
         config["engine"] = {**config["engine"], "name": "embedded", "threads": self.threads}
         # the actors' environment is set per actor, so it also holds on a cluster this engine did not start
         env = {"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(self.threads)}}
-        remote = ray.remote(num_cpus=self.threads, max_concurrency=1)(_Worker)
+        # engine.gpus_per_worker: Ray reserves that share of a GPU per actor and sets the actor's CUDA_VISIBLE_DEVICES,
+        # so train.device=auto / cuda inside it is the GPU Ray gave it (a fraction lets several actors share one)
+        remote = ray.remote(num_cpus=self.threads, num_gpus=cfg.gpus_per_worker, max_concurrency=1)(_Worker)
         self.actors = [remote.options(runtime_env=env).remote(config, self.threads) for _ in range(self.workers)]
         self.timeout, self.result_timeout = cfg.timeout_s, cfg.ray_result_timeout_s
         try:

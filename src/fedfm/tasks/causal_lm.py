@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedfm.placement import placement_of
+
 IGNORE = -100  # label of positions that are not predicted (padding); the value transformers uses
 
 
@@ -79,6 +81,11 @@ class CausalLMTask:
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE)}
 
     @staticmethod
+    def loss_terms(batch: dict[str, torch.Tensor]) -> int:
+        """How many tokens the batch's mean loss averages (each predicted from the one before it)."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
@@ -87,10 +94,12 @@ class CausalLMTask:
         was_training = model.training
         model.eval()
         nll, correct, count = 0.0, 0, 0
+        where = placement_of(model)
         with torch.inference_mode():
             for idx in torch.arange(len(data)).split(batch_size) if len(data) else ():  # split(0 items) yields one empty batch
-                b = self.batch(data, idx)
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+                b = where.move(self.batch(data, idx))
+                with where.autocast():
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                 target = b["labels"][:, 1:]
                 nll += float(F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum"))
                 keep = target != IGNORE

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedfm.placement import placement_of
+
 
 @dataclass
 class Encoded:
@@ -54,6 +56,11 @@ class ClassificationTask:
         return {"input_ids": data.input_ids[idx, :width], "attention_mask": mask[:, :width], "labels": data.labels[idx]}
 
     @staticmethod
+    def loss_terms(batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the batch's mean loss averages (its examples): micro-batches are weighted by it."""
+        return int(batch["labels"].shape[0])
+
+    @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], logit_offset: torch.Tensor | None = None) -> torch.Tensor:
         if logit_offset is None:
             return model(**batch).loss
@@ -72,12 +79,14 @@ class ClassificationTask:
         was_training = model.training
         model.eval()
         loss_sum, preds = 0.0, []
+        where = placement_of(model)
         with torch.inference_mode():
             for idx in torch.arange(len(data)).split(batch_size) if len(data) else ():  # split(0 items) yields one empty batch
-                b = self.batch(data, idx)
-                out = model(**b)
+                b = where.move(self.batch(data, idx))
+                with where.autocast():
+                    out = model(**b)
                 loss_sum += float(out.loss) * len(idx)
-                preds.append(out.logits.argmax(-1))
+                preds.append(out.logits.argmax(-1).cpu())
         model.train(was_training)
         pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
         return {"loss": loss_sum / max(len(data), 1), **classification_metrics(pred, data.labels, self.num_labels)}

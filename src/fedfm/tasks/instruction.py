@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fedfm.errors import DataError
+from fedfm.placement import placement_of
 
 IGNORE = -100
 
@@ -135,6 +136,11 @@ class InstructionTask:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     @staticmethod
+    def loss_terms(batch: dict[str, torch.Tensor]) -> int:
+        """How many response tokens the batch's mean loss averages (each predicted from the one before it)."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
@@ -144,10 +150,12 @@ class InstructionTask:
         was_training = model.training
         model.eval()
         nll, correct, count = 0.0, 0, 0
+        where = placement_of(model)
         with torch.inference_mode():
             for idx in torch.arange(len(data)).split(batch_size) if len(data) else ():
-                b = self.batch(data, idx)
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                b = where.move(self.batch(data, idx))
+                with where.autocast():
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 logits = logits[:, -b["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
                 logits, target = logits[:, :-1], b["labels"][:, 1:]
                 nll += float(F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum"))
@@ -181,14 +189,16 @@ class InstructionTask:
         side, tok.padding_side = tok.padding_side, "left"
         answers: list[str] = []
         try:
-            with torch.inference_mode():
+            where = placement_of(model)
+            with torch.inference_mode(), where.autocast():
                 for start in range(0, len(prompts), batch_size):
                     enc = tok(prompts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
+                    enc = where.move({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
                     out = model.generate(
                         input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=self.max_new_tokens,
                         do_sample=False, eos_token_id=self.stop_id, pad_token_id=tok.pad_token_id,
                     )
-                    new = out[:, enc["input_ids"].shape[1]:]
+                    new = out[:, enc["input_ids"].shape[1]:].cpu()
                     answers += [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
         finally:
             tok.padding_side = side

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedfm.placement import placement_of
 from fedfm.rag.embed import encode_batch
 
 SCALE = 20.0  # MultipleNegativesRankingLoss's default: cosine x 20, i.e. a temperature of 0.05
@@ -118,8 +119,11 @@ class RetrievalTask:
 
     @staticmethod
     def _embed(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
-        parts = [encode_batch(model, _trim(ids[i], mask[i])) for i in torch.arange(len(ids)).split(batch_size)]
-        return torch.cat(parts).float()
+        where, parts = placement_of(model), []
+        for i in torch.arange(len(ids)).split(batch_size):
+            with where.autocast():
+                parts.append(encode_batch(model, where.move(_trim(ids[i], mask[i]))).float().cpu())
+        return torch.cat(parts)
 
     def evaluate(self, model: torch.nn.Module, data: Pairs, batch_size: int = 128) -> dict[str, float]:
         """Each query ranked against every distinct passage of ``data``: recall@1, recall@5, MRR, and the loss
