@@ -74,14 +74,17 @@ def main() -> None:
                                          "federation.num_clients=10", *TOKENS, *sets])
                 s = estimate(cfg)
                 rows.append({"model": name, "setup": setup, "params": s.total_params, "trainable": s.trainable_params,
-                             "weights_gib": s.weights_bytes / GIB, "training_gib": s.training_bytes / GIB,
+                             "weights_gib": s.weights_bytes / GIB,
+                             "training_gib": (s.training_bytes + s.gradient_bytes + s.optimizer_bytes) / GIB,
                              "activations_gib": s.activation_bytes / GIB, "peak_gib": s.peak_bytes / GIB,
                              "mb_per_client_round": s.bytes_up / (s.clients_per_round or 1) / 1e6,
                              "fits": where(s.peak_bytes / GIB)})
     command, info, header = result_header("What fits where (estimates)", "benchmarks/fits.py")
     lines = header + ["", "Estimated peak memory of one client's training step (`fedfm info CONFIG`, formula in "
-                      "`fedfm/sizing.py`): sequences of 512 tokens, batch 16 as micro-batches of 4, AdamW. Weights + "
-                      "training state (trainable weights, gradients, AdamW moments, the float32 start) + activations; "
+                      "`fedfm/sizing.py`): sequences of 512 tokens, batch 16 as micro-batches of 4, AdamW. Weights, "
+                      "trainable weights and the float32 start, then the largest of backward (gradients + "
+                      "activations), step (gradients + AdamW moments) and hand-off (moments + the float32 update); "
+                      "the training-state column is trainable weights + start + gradients + moments; "
                       "the interpreter and the data (about 1 GiB on the CPU) come on top. Estimates, marked as such: "
                       "the measured rows are in memory_levers.md and gpu.md.", "",
                       "| model | set-up | parameters | trainable (travels) | MB up per client per round | weights | "

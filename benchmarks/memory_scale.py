@@ -238,16 +238,16 @@ def markdown(res: dict[str, Any], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --levers: one client's step of full fine-tuning with the memory levers on and off (batch 4 x 256 tokens)
-LEVERS = [("float32", {}), ("float32", {"gradient_checkpointing": True}), ("float32", {"micro_batch_size": 1}),
-          ("float32", {"gradient_checkpointing": True, "micro_batch_size": 1}),
-          ("bfloat16", {"gradient_checkpointing": True, "micro_batch_size": 1})]
+# --levers: one client's step of full fine-tuning with the memory levers on and off (batch 8 x 256 tokens)
+LEVERS = [("float32", {}), ("float32", {"gradient_checkpointing": True}), ("float32", {"micro_batch_size": 2}),
+          ("float32", {"gradient_checkpointing": True, "micro_batch_size": 2}),
+          ("bfloat16", {"gradient_checkpointing": True, "micro_batch_size": 2})]
 
 
 def lever_config(arch: dict, dtype: str, train: dict[str, Any], quick: bool) -> dict[str, Any]:
     raw = config(arch, dtype, 1, "")
     raw["data"].update(max_length=64 if quick else 256, max_examples=200)
-    raw["train"].update(batch_size=4, **train)
+    raw["train"].update(batch_size=8, **train)
     return {**raw, "client_only": True}
 
 
@@ -271,7 +271,7 @@ def levers(args) -> tuple[dict[str, Any], str]:
         print(f"[levers] {row}", file=sys.stderr, flush=True)
     base = runs[0].get("round_peak_gib")
     lines = ["", f"One client's round alone (`App.client_train`: weights copied in, one step, the update out as float32), full fine-tuning of the scratch Llama ({runs[0].get('params', 0):,} "
-             f"parameters, random weights), batch 4 x {lever_config(arch, 'float32', {}, args.quick)['data']['max_length']} "
+             f"parameters, random weights), batch 8 x {lever_config(arch, 'float32', {}, args.quick)['data']['max_length']} "
              "tokens, AdamW; peak = the client round's RSS high-water mark in a fresh process, which includes the "
              "server's float32 copy of the weights the App keeps and the interpreter with fedfm imported ({interpreter:.2f} GiB, measured alone). Estimate = `fedfm info` (fedfm.sizing's "
              "formula, without the interpreter) for the same config.", "",
@@ -280,7 +280,7 @@ def levers(args) -> tuple[dict[str, Any], str]:
     for r in runs:
         peak = r.get("round_peak_gib")
         lines.append(f"| {r['dtype']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
-                     f"{r['micro_batch_size'] or 'off (4)'} | "
+                     f"{r['micro_batch_size'] or 'off (8)'} | "
                      + (f"{peak:.2f} GiB | {peak / base:.2f}x | {peak - interpreter:.2f} GiB" if peak and base
                         else f"not run: {r.get('error')} | |")
                      + f" | {r['estimate_gib']:.2f} GiB | {r.get('train_loss') or float('nan'):.4f} |")

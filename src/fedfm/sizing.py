@@ -7,12 +7,21 @@ from a stated formula, not a measurement (``benchmarks/memory_scale.py`` and ``b
     weights      frozen tensors x bytes(model.dtype); quantized linear layers at 4 bits + NF4's block constants
                  (0.127 bit / weight with double quantisation) or 8 bits + one float per row, and the tensors that
                  peft's k-bit preparation keeps in float32 (norms, embeddings)
-    training     trainable tensors x (weight + gradient + AdamW's two moments) in their dtype (float32 for a peft
-                 method's tensors), plus the float32 copy of the server's weights the update is measured from
-    activations  per layer, Korthikanti et al. (2022, eq. 2) for one micro-batch b of s tokens, hidden h, a heads:
-                 s*b*h*(34 + 5*a*s/h) bytes at 16 bits (x2 at 32 bits); with gradient checkpointing only each
-                 layer's input (2*s*b*h at 16 bits) plus one layer's full activations; plus the logits and their
-                 gradient, b*s*vocab x 4 bytes x 2
+    training     trainable tensors x their dtype (float32 for a peft method's tensors), plus the float32 copy of the
+                 server's weights the update is measured from
+    then the largest of three moments of a client's round, each with the gradients G (trainable x dtype), AdamW's
+    moments M (2 x trainable x dtype, allocated by a fresh AdamW at its first step) and the outgoing update U
+    (trainable x 4 bytes, float32):
+      backward   G + activations: per layer, Korthikanti et al. (2022, eq. 2) for one micro-batch b of s tokens,
+                 hidden h, a heads, s*b*h*(34 + 5*a*s/h) bytes at 16 bits (x2 at 32 bits); with gradient
+                 checkpointing only each layer's input (2*s*b*h at 16 bits) plus one layer's full activations;
+                 plus the logits and their gradient, b*s*vocab x 4 bytes x 2
+      step       G + M
+      hand-off   M + U (the optimizer is still alive when the update is computed)
+    With train.keep_optimizer_state the moments live through the backward pass too (M is added to it).
+    Checked against measurements in benchmarks/results/memory_levers.md: for full fine-tuning the step and the
+    hand-off, not the activations, set the peak, so checkpointing and micro-batches lower it only where the
+    activations are the largest term (long sequences, big batches, LoRA).
 
 Written here because no library sizes a peft + bitsandbytes + activation configuration as one number (accelerate's
 ``estimate-memory`` covers weights only).
@@ -39,13 +48,19 @@ class Sizing:
     bytes_down: int  # server -> clients per round (float32 trainable tensors to each sampled client)
     bytes_up: int  # clients -> server per round, before compression
     clients_per_round: int | None
-    weights_bytes: int
-    training_bytes: int
+    weights_bytes: int  # frozen (or quantized) weights
+    training_bytes: int  # trainable weights + the float32 start
+    gradient_bytes: int
+    optimizer_bytes: int  # AdamW's moments
+    update_bytes: int  # the float32 update leaving the client
     activation_bytes: int
+    moments_persist: bool = False  # train.keep_optimizer_state: the moments live through the backward pass too
 
     @property
     def peak_bytes(self) -> int:
-        return self.weights_bytes + self.training_bytes + self.activation_bytes
+        g, m, u, a = self.gradient_bytes, self.optimizer_bytes, self.update_bytes, self.activation_bytes
+        backward = g + a + (m if self.moments_persist else 0)
+        return self.weights_bytes + self.training_bytes + max(backward, g + m, m + u)
 
     def rows(self) -> list[tuple[str, str]]:
         gib = 2**30
@@ -57,7 +72,10 @@ class Sizing:
             ("bytes per round, down", f"{self.bytes_down / 1e6:,.1f} MB{per}"),
             ("bytes per round, up", f"{self.bytes_up / 1e6:,.1f} MB{per}, before compression"),
             ("client memory: weights", f"{self.weights_bytes / gib:.2f} GiB"),
-            ("client memory: training state", f"{self.training_bytes / gib:.2f} GiB"),
+            ("client memory: trainable weights + start", f"{self.training_bytes / gib:.2f} GiB"),
+            ("client memory: gradients", f"{self.gradient_bytes / gib:.2f} GiB"),
+            ("client memory: AdamW moments", f"{self.optimizer_bytes / gib:.2f} GiB"),
+            ("client memory: update out", f"{self.update_bytes / gib:.2f} GiB"),
             ("client memory: activations", f"{self.activation_bytes / gib:.2f} GiB"),
             ("client peak (estimate)", f"{self.peak_bytes / gib:.2f} GiB (formula: fedfm.sizing)"),
         ]
@@ -107,12 +125,13 @@ def estimate(cfg) -> Sizing:
     else:
         weights = frozen * store
     train_dtype = 4 if cfg.peft.method != "none" else store
-    training = trainable * (4 * train_dtype) + trainable * 4  # weight, grad, 2 moments; the float32 start
     n = cfg.federation.num_clients
     clients = max(1, round(n * cfg.federation.fraction)) if n else None
     up = down = trainable * 4 * (clients or 1)
-    return Sizing(total, trainable, quantized, down, up, clients, int(weights), int(training),
-                  int(activations(model.config, cfg)))
+    return Sizing(total, trainable, quantized, down, up, clients, int(weights),
+                  training_bytes=trainable * (train_dtype + 4), gradient_bytes=trainable * train_dtype,
+                  optimizer_bytes=trainable * 2 * train_dtype, update_bytes=trainable * 4,
+                  activation_bytes=int(activations(model.config, cfg)), moments_persist=cfg.train.keep_optimizer_state)
 
 
 def activations(config, cfg) -> float:
