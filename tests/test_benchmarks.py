@@ -141,6 +141,11 @@ def check_memory_levers(out: Path) -> None:
     assert runs[1]["train_loss"] == runs[0]["train_loss"]
 
 
+def check_flower_large(out: Path) -> None:
+    res = written(out, "flower_large")
+    assert res["equal"] is True and res["bytes_sent"] == res["bytes_back"] > 0  # every element came back, +1
+
+
 def check_overhead(out: Path) -> None:
     res = written(out, "overhead")
     assert {"memory", "wall", "clients", "verdicts"} <= res.keys() and res["verdicts"]
@@ -164,6 +169,7 @@ CASES: dict[str, tuple[list[str], Callable[[Path], None]]] = {
     "lm_throughput": (["lm_throughput.py", "--quick", "--out", "OUT"], check_lm_throughput),
     "memory_scale": (["memory_scale.py", "--quick", "--out", "OUT"], check_memory_scale),
     "memory_levers": (["memory_scale.py", "--levers", "--quick", "--out", "OUT"], check_memory_levers),
+    "flower_large": (["flower_large.py", "--gib", "0.01", "--out", "OUT"], check_flower_large),
     "peft_methods": (["peft_methods.py", "--quick", "--out", "OUT"], check_peft_methods),
     "pretrain": (["pretrain.py", "--quick", "--out", "OUT"], check_pretrain),
     "privacy": (["privacy.py", "--quick", "--out", "OUT"], check_privacy),
@@ -210,7 +216,8 @@ def committed_results() -> dict[str, int]:
 SERVICES = pytest.mark.xdist_group("services")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=SERVICES) if c.startswith("engines") else c for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=SERVICES) if c.startswith(("engines", "flower")) else c
+                                  for c in CASES])
 def test_benchmark_quick_mode(case, tmp_path):
     args, check = CASES[case]
     out = tmp_path / "out"
