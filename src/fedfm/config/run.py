@@ -112,6 +112,19 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
+    def _one_client_per_owner(cls, raw: Any) -> Any:
+        """data.partition=natural: one client per owner key unless federation.num_clients is given (its default of 10
+        is for the synthetic partitions)."""
+        if not isinstance(raw, dict):
+            return raw
+        data, fed = raw.get("data"), raw.get("federation")
+        natural = isinstance(data, dict) and data.get("partition") == "natural"
+        if natural and (fed is None or (isinstance(fed, dict) and "num_clients" not in fed)):
+            raw = {**raw, "federation": {**(fed or {}), "num_clients": None}}
+        return raw
+
+    @model_validator(mode="before")
+    @classmethod
     def _stage_rounds(cls, raw: Any) -> Any:
         """Continual learning: ``rounds`` defaults to the sum of the stages' rounds (when each is an integer)."""
         section = raw.get("continual") if isinstance(raw, dict) else None

@@ -134,8 +134,9 @@ def _py(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _make_pairs(queries: list[str], passages: list[str], owners: list | None, name: str, where: str) -> TextDataset:
-    """A pairs dataset; owners (or one owner, ``all``) double as labels for the stratified test split."""
+def _make_pairs(queries: list[str], passages: list[str] | None, owners: list | None, name: str, where: str) -> TextDataset:
+    """A pairs dataset (or, with ``passages`` None, a text-only one for language modelling); owners (or one owner,
+    ``all``) double as labels for the stratified test split."""
     if not queries:
         raise DataError(f"{where}: dataset is empty (no pairs)")
     owner_names = [str(o) for o in owners] if owners is not None else ["all"] * len(queries)
@@ -143,18 +144,20 @@ def _make_pairs(queries: list[str], passages: list[str], owners: list | None, na
     lookup = {n: i for i, n in enumerate(names)}
     labels = np.array([lookup[o] for o in owner_names], dtype=np.int64)
     keys = None if owners is None else np.array(owner_names, dtype=object)
-    return TextDataset(list(queries), labels, names, keys, name, passages=list(passages))
+    return TextDataset(list(queries), labels, names, keys, name, passages=None if passages is None else list(passages))
 
 
-def _wanted_columns(cfg: DataConfig) -> list[str]:
-    """Columns a generic source must have: text and label, or text and passage for pairs; then the key."""
-    second = cfg.passage_column or cfg.response_column or cfg.label_column
-    return [cfg.text_column, second] + ([cfg.key_column] if cfg.key_column else [])
+def _wanted_columns(cfg: DataConfig, task: str = "classification") -> list[str]:
+    """Columns a generic source must have: text and label, or text and passage for pairs, or text alone for language
+    modelling; then the key."""
+    second = [] if task == "causal_lm" else [cfg.passage_column or cfg.response_column or cfg.label_column]
+    return [cfg.text_column, *second] + ([cfg.key_column] if cfg.key_column else [])
 
 
-def _from_frame(df: pd.DataFrame, cfg: DataConfig, name: str, where: str, row_word: str = "row") -> TextDataset:
+def _from_frame(df: pd.DataFrame, cfg: DataConfig, name: str, where: str, row_word: str = "row",
+                task: str = "classification") -> TextDataset:
     """Validate columns and cells of a loaded table and build the dataset."""
-    wanted = _wanted_columns(cfg)
+    wanted = _wanted_columns(cfg, task)
     missing = [c for c in wanted if c not in df.columns]
     if missing:
         raise DataError(
@@ -169,6 +172,8 @@ def _from_frame(df: pd.DataFrame, cfg: DataConfig, name: str, where: str, row_wo
             raise DataError(f"{where}: {row_word} {bad[0] + 1} has a null/empty {c!r}{more}")
     texts = [str(t) for t in cols[cfg.text_column]]
     keys = cols[cfg.key_column] if cfg.key_column else None
+    if task == "causal_lm":  # documents, and their owner when data.key_column names one
+        return _make_pairs(texts, None, keys, name, where)
     paired = cfg.passage_column or cfg.response_column
     if paired:
         return _make_pairs(texts, [str(p) for p in cols[paired]], keys, name, where)
@@ -186,7 +191,7 @@ def _first_bad_utf8_line(path: Path) -> str:
     return "unknown line"
 
 
-def _load_csv(path: Path, cfg: DataConfig) -> TextDataset:
+def _load_csv(path: Path, cfg: DataConfig, task: str) -> TextDataset:
     where = f'"{path}"'
     try:
         # keep_default_na=False: a text like "NA" or "null" is text, only empty cells are missing.
@@ -198,33 +203,33 @@ def _load_csv(path: Path, cfg: DataConfig) -> TextDataset:
     except pd.errors.ParserError as exc:
         raise DataError(f"{where}: malformed CSV: {str(exc).strip().splitlines()[-1]}") from None
     # Rows are numbered as data rows; with a header line, file line = row + 1 (barring multi-line cells).
-    return _from_frame(df, cfg, path.stem, where, row_word="data row")
+    return _from_frame(df, cfg, path.stem, where, row_word="data row", task=task)
 
 
-def _load_jsonl(path: Path, cfg: DataConfig) -> TextDataset:
+def _load_jsonl(path: Path, cfg: DataConfig, task: str) -> TextDataset:
     where = f'"{path}"'
     records, lines = read_jsonl(path, where)
     if not records:
         raise DataError(f"{where}: dataset is empty (no rows)")
     df = pd.DataFrame.from_records(records)
     try:
-        return _from_frame(df, cfg, path.stem, where, row_word="record")
+        return _from_frame(df, cfg, path.stem, where, row_word="record", task=task)
     except DataError as exc:
         # Translate "record N" into the file line for the user.
         msg = re.sub(r"record (\d+)", lambda m: f"line {lines[int(m.group(1)) - 1]}", str(exc))
         raise DataError(msg) from None
 
 
-def _load_parquet(path: Path, cfg: DataConfig) -> TextDataset:
+def _load_parquet(path: Path, cfg: DataConfig, task: str) -> TextDataset:
     where = f'"{path}"'
     try:
         df = pd.read_parquet(path)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
         raise DataError(f"{where}: cannot read parquet ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    return _from_frame(df, cfg, path.stem, where)
+    return _from_frame(df, cfg, path.stem, where, task=task)
 
 
-def _load_hf_disk(path: Path, cfg: DataConfig) -> TextDataset:
+def _load_hf_disk(path: Path, cfg: DataConfig, task: str) -> TextDataset:
     import datasets  # imported lazily: heavy, and only this source needs it
 
     where = f'"{path}"'
@@ -235,7 +240,7 @@ def _load_hf_disk(path: Path, cfg: DataConfig) -> TextDataset:
     parts = list(obj.values()) if isinstance(obj, datasets.DatasetDict) else [obj]
     frames = []
     for part in parts:
-        missing = [c for c in _wanted_columns(cfg) if c not in part.column_names]
+        missing = [c for c in _wanted_columns(cfg, task) if c not in part.column_names]
         if missing:
             split = f" (split {part.split})" if part.split else ""
             raise DataError(
@@ -243,14 +248,15 @@ def _load_hf_disk(path: Path, cfg: DataConfig) -> TextDataset:
                 f"available: {', '.join(repr(c) for c in part.column_names)}"
             )
         df = part.to_pandas()
-        feat = None if (cfg.passage_column or cfg.response_column) else part.features.get(cfg.label_column)
+        labelled = task != "causal_lm" and not (cfg.passage_column or cfg.response_column)
+        feat = part.features.get(cfg.label_column) if labelled else None
         if isinstance(feat, datasets.ClassLabel):  # use the class names, not their integer codes
             df[cfg.label_column] = [
                 feat.int2str(int(v)) if v is not None and v >= 0 else None for v in df[cfg.label_column]
             ]
         frames.append(df)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return _from_frame(df, cfg, path.name, where)
+    return _from_frame(df, cfg, path.name, where, task=task)
 
 
 def _load_tweets() -> TextDataset:
@@ -361,7 +367,7 @@ def load_dataset(cfg: DataConfig, seed: int, task: str = "classification") -> Te
             raise DataError(f'file not found: "{path}"')
         if cfg.source != "hf_disk" and path.is_dir():
             raise DataError(f'"{path}" is a directory; data.source={cfg.source} needs a file')
-        ds = _FILE_LOADERS[cfg.source](path, cfg)
+        ds = _FILE_LOADERS[cfg.source](path, cfg, task)
     else:  # unreachable through DataConfig validation
         raise DataError(f"unknown data source {cfg.source!r}")
     if cfg.max_per_key is not None:

@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedfm import __version__, report
 from fedfm.app import App
+from fedfm.card import write_model_card
 from fedfm.client import derive_seed
 from fedfm.errors import FedFMError
 from fedfm.models import save_pretrained, set_weights
@@ -117,6 +119,8 @@ class Runner:
         if samples:  # generated answers of each final model, shown in the run report
             atomic_write_text(self.dir.path / "samples.json", json.dumps(samples, indent=1))
         summary = self.summary(states.round, wall, per_group, own, glob_each)
+        for group in self.groups:  # over peft's empty template: the run's facts and how to load the model
+            write_model_card(self.final_dir(group), app, self.method, group.name, summary)
         atomic_write_text(self.dir.path / "summary.json", json.dumps(summary, indent=1))
         for scratch in ("client_states", "clients", "updates"):
             shutil.rmtree(self.dir.path / scratch, ignore_errors=True)
@@ -158,12 +162,13 @@ class Runner:
             return list(range(n))
         return sorted(np.random.default_rng(derive_seed(self.cfg.seed, 0xE7A1)).choice(n, k, replace=False).tolist())
 
-    def save_final(self, group: Group, state: ServerState) -> None:
+    def final_dir(self, group: Group) -> Path:
         path = self.dir.path / "final"
-        if len(self.groups) > 1:
-            path = path / group.name
+        return path / group.name if len(self.groups) > 1 else path
+
+    def save_final(self, group: Group, state: ServerState) -> None:
         set_weights(self.app.model, state.weights)
-        save_pretrained(self.app.model, self.app.tokenizer, path)
+        save_pretrained(self.app.model, self.app.tokenizer, self.final_dir(group))
 
 
 def progress_line(record: dict[str, Any], rounds: int) -> str:
