@@ -395,3 +395,25 @@ def test_dirichlet_impossible_min_size_is_data_error():
     ds = synthetic(n=40, n_labels=2)
     with pytest.raises(DataError, match="dirichlet partitioning .* failed .*min_partition_size"):
         split(ds, cfg_for("csv", "x", partition="dirichlet", alpha=0.01, min_partition_size=8), 4, seed=0)
+
+
+def test_pathological_partition_gives_label_pure_owners():
+    """partition=pathological (flwr-datasets' PathologicalPartitioner, deterministic assignment): with one class per
+    client, client i holds only class i mod 5 of BBC's 5, every training-pool example goes to exactly one client,
+    and each class's examples are divided between the clients holding it; with two, client i holds classes i and
+    i+1 (mod 5), as worked by hand."""
+    import numpy as np
+
+    from fedfm import config
+    from fedfm.data import load_dataset, split
+
+    for k, per, want in ((5, 1, [[0], [1], [2], [3], [4]]), (10, 1, [[0], [1], [2], [3], [4]] * 2),
+                         (5, 2, [[0, 1], [1, 2], [2, 3], [3, 4], [0, 4]])):
+        cfg = config.load(None, ["data.source=bbc", "data.partition=pathological", f"federation.num_clients={k}",
+                                 f"data.classes_per_client={per}"])
+        ds = load_dataset(cfg.data, 0)
+        sp = split(ds, cfg.data, k, 0)
+        shards = [np.concatenate([a, b]) for a, b in zip(sp.client_train, sp.client_test)]
+        assert [sorted(set(ds.labels[s].tolist())) for s in shards] == want
+        pool = np.concatenate(shards)
+        assert len(pool) == len(set(pool.tolist())) == len(ds) - len(sp.global_test)

@@ -67,8 +67,13 @@ class DataConfig(Section):
     client_test_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of each client's shard kept as that client's own test split."
     )
-    partition: Literal["iid", "dirichlet", "natural", "quantity"] = Field(
-        "dirichlet", description="How the training pool is split over clients."
+    partition: Literal["iid", "dirichlet", "natural", "quantity", "pathological"] = Field(
+        "dirichlet", description="How the training pool is split over clients; pathological: each client holds "
+        "data.classes_per_client classes only (label-pure owners with 1: a spam trap holds only spam)."
+    )
+    classes_per_client: int = Field(
+        1, ge=1, description="pathological: classes per client, assigned cyclically (client i gets class i mod C, "
+        "then the next ones), each class's examples divided evenly among the clients that hold it.",
     )
     alpha: float = Field(
         0.5, gt=0, description="Dirichlet concentration: label skew (dirichlet) or size skew (quantity)."

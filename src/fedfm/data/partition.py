@@ -88,7 +88,7 @@ def split(
 
     1. global test: stratified random ``cfg.test_fraction``;
     2. remaining pool: a random ``server_fraction`` of it is held by the server (Algorithm 2), the rest
-       goes to the clients (iid / dirichlet / natural / quantity);
+       goes to the clients (iid / dirichlet / natural / quantity / pathological);
     3. each shard -> client train/test by ``cfg.client_test_fraction`` (>= 1 train kept).
     Raises :class:`DataError` when a partitioner fails or a client ends up without training data.
     """
@@ -144,7 +144,9 @@ def _client_names(ds: TextDataset, method: str, num_clients: int | None, pool_si
 def _partition(ds: TextDataset, cfg: DataConfig, pool: np.ndarray, names: list[str], seed: int) -> list[np.ndarray]:
     """Each client's dataset indices, from flwr-datasets' partitioner for ``cfg.partition``."""
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, SizePartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner, SizePartitioner,
+    )
 
     method, k = cfg.partition, len(names)
     columns = {"label": ds.labels[pool], "idx": pool}
@@ -164,6 +166,11 @@ def _partition(ds: TextDataset, cfg: DataConfig, pool: np.ndarray, names: list[s
             # A key whose examples all went to the global test set has no partition: give it an empty shard.
             by_key = {part.partition_id_to_natural_id[i]: idx for i, idx in enumerate(found)}
             return [by_key.get(name, np.empty(0, dtype=np.int64)) for name in names]
+        if method == "pathological":  # flwr-datasets' PathologicalPartitioner (McMahan et al. 2017's shards)
+            part = PathologicalPartitioner(num_partitions=k, partition_by="label",
+                                           num_classes_per_partition=cfg.classes_per_client,
+                                           class_assignment_mode="deterministic", seed=seed)
+            return _run_partitioner(part, pool_ds)
         if method == "quantity":
             sizes = _quantity_sizes(len(pool), k, cfg.alpha, np.random.default_rng([seed, _STEP_SIZES]))
             # SizePartitioner takes exact sizes (IdToSizeFncPartitioner derives sizes from a function
@@ -200,4 +207,5 @@ def _advice(method: str) -> str:
         "(keep it >= 1 so that no client is empty)",
         "natural": "that key has too few examples: drop or merge it, or use another partition",
         "quantity": "use fewer clients or more data (raise or unset data.max_examples)",
+        "pathological": "use fewer clients or more classes per client (data.classes_per_client), or more data",
     }[method]
