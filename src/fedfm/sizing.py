@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedfm.models import PEFT_DEFAULTS, SCRATCH_ARCH, Build, _quiet_transformers, resolve_model_path
+from fedfm.models import PEFT_DEFAULTS, SCRATCH_ARCH, Build, _quiet_transformers, load_tokenizer, resolve_model_path
 from fedfm.placement import DTYPES
 
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -87,11 +87,7 @@ def meta_model(cfg) -> torch.nn.Module:
 
     _quiet_transformers()
     if cfg.model.source == "scratch":
-        vocab = cfg.model.vocab_size if cfg.model.tokenizer == "bpe" else None
-        if vocab is None:
-            from fedfm.models import load_tokenizer
-
-            vocab = len(load_tokenizer(cfg.model.tokenizer))
+        vocab = cfg.model.vocab_size if cfg.model.tokenizer == "bpe" else len(load_tokenizer(cfg.model.tokenizer))
         config = LlamaConfig(**{**SCRATCH_ARCH, **cfg.model.arch}, vocab_size=vocab)
     else:
         config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.source))
@@ -137,9 +133,8 @@ def estimate(cfg) -> Sizing:
 def activations(config, cfg) -> float:
     """Activation bytes of one micro-batch's forward + backward (see the module's formula)."""
     b = cfg.train.micro_batch_size or cfg.train.batch_size
-    s = cfg.data.max_length + (cfg.peft.options.get("num_virtual_tokens", PEFT_DEFAULTS.get(cfg.peft.method, {})
-                                                    .get("num_virtual_tokens", 0)) if cfg.peft.method in
-                               ("prompt_tuning", "prefix_tuning", "p_tuning") else 0)
+    # prompt methods lengthen every sequence by their virtual tokens
+    s = cfg.data.max_length + {**PEFT_DEFAULTS.get(cfg.peft.method, {}), **cfg.peft.options}.get("num_virtual_tokens", 0)
     h, a = config.hidden_size, config.num_attention_heads
     layers, vocab = config.num_hidden_layers, config.vocab_size
     half = cfg.train.mixed_precision != "no" or cfg.model.dtype != "float32"
