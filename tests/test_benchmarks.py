@@ -146,6 +146,18 @@ def check_flower_large(out: Path) -> None:
     assert res["equal"] is True and res["bytes_sent"] == res["bytes_back"] > 0  # every element came back, +1
 
 
+def check_label_skew(out: Path) -> None:
+    runs = written(out, "label_skew")["runs"]
+    assert [r["method"] for r in runs] == ["centralized", "fedavg", "ccvr"]
+    assert all(r["split"] == "label-pure" and 0 <= r["accuracy"] <= 1 for r in runs)
+
+
+def check_personalize(out: Path) -> None:
+    runs = written(out, "personalize")["runs"]
+    assert [r["method"] for r in runs] == ["local", "finetune"]
+    assert 0 <= runs[1]["personal_mean"] <= 1 and len(runs[1]["personal_each"]) == len(runs[0]["own_each"])
+
+
 def check_overhead(out: Path) -> None:
     res = written(out, "overhead")
     assert {"memory", "wall", "clients", "verdicts"} <= res.keys() and res["verdicts"]
@@ -166,11 +178,13 @@ CASES: dict[str, tuple[list[str], Callable[[Path], None]]] = {
     "continued_pretrain": (["continued_pretrain.py", "--quick", "--out", "OUT"], check_continued_pretrain),
     "engines_ray": (["engines.py", "--suite", "ray", "--quick", "--out", "OUT"], check_engines_ray),
     "engines_flower": (["engines.py", "--suite", "flower", "--quick", "--out", "OUT"], check_engines_flower),
+    "label_skew": (["label_skew.py", "--quick", "--out", "OUT"], check_label_skew),
     "lm_throughput": (["lm_throughput.py", "--quick", "--out", "OUT"], check_lm_throughput),
     "memory_scale": (["memory_scale.py", "--quick", "--out", "OUT"], check_memory_scale),
     "memory_levers": (["memory_scale.py", "--levers", "--quick", "--out", "OUT"], check_memory_levers),
     "flower_large": (["flower_large.py", "--gib", "0.01", "--out", "OUT"], check_flower_large),
     "peft_methods": (["peft_methods.py", "--quick", "--out", "OUT"], check_peft_methods),
+    "personalize": (["personalize.py", "--quick", "--out", "OUT"], check_personalize),
     "pretrain": (["pretrain.py", "--quick", "--out", "OUT"], check_pretrain),
     "privacy": (["privacy.py", "--quick", "--out", "OUT"], check_privacy),
     "quality": (["quality.py", "--quick", "--out", "OUT"], check_quality),

@@ -176,7 +176,7 @@ class App:
     def _train(self, c: ClientRound) -> ClientUpdate:
         return client_loop.train(
             self.model, c.data, self.task, c.task, self.cfg.train, self.cfg.rounds, self.cfg.seed, c.index, c.name,
-            c.logit_offset, self.cfg.dpsgd, c.control, c.optimizer_state, c.noise_seed,
+            c.loss, self.cfg.dpsgd, c.control, c.optimizer_state, c.noise_seed,
         )
 
     def call(self, fn: str, index: int, payload: bytes) -> bytes:

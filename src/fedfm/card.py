@@ -60,6 +60,19 @@ def load_snippet(cfg, base: str, peft: bool, labels: list[str] | None) -> str:
     return "\n".join(lines + ["```"])
 
 
+def head_lines(cfg, method: str) -> list[str]:
+    """The label-skew methods and personalization a federated run used."""
+    if method != "federated":
+        return []
+    h, p, out = cfg.head, cfg.personal, []
+    if h.loss != "ce" or h.calibrate != "none":
+        out.append(f"- classification head: loss {h.loss}" + (", re-calibrated by CCVR after the last round"
+                                                               if h.calibrate == "ccvr" else ""))
+    if p.active:
+        out.append(f"- personal models ({p.method}): one per owner, saved on the owner's side under `personal/<owner>/`")
+    return out
+
+
 def write_model_card(path: Path, app, method: str, group: str, summary: dict[str, Any]) -> None:
     """``path/README.md`` for the final model of ``group`` in a run of ``method``."""
     cfg = app.cfg
@@ -80,7 +93,10 @@ def write_model_card(path: Path, app, method: str, group: str, summary: dict[str
         + f", {cfg.rounds} rounds, strategy {cfg.strategy.name}",
         f"- data owners: {len(owners)} ({', '.join(owners[:20])}{', ...' if len(owners) > 20 else ''}), "
         f"data source `{cfg.data.source}`, partition `{cfg.data.partition}`",
+        *head_lines(cfg, method),
         "", "## Privacy", "", *privacy_lines(summary),
+        *(["- CCVR: each owner sent its label counts and per-class feature means and covariances in the clear"]
+          if cfg.head.calibrate == "ccvr" and method == "federated" else []),
         "", "## Held-out metrics (global test split)", "",
         *(f"- {k}: {v:.4g}" for k, v in metrics.items()),
         "", "## Load", "", load_snippet(cfg, base, peft, labels), "",

@@ -67,7 +67,7 @@ def train(
     seed: int,
     client_index: int,
     client_name: str,
-    logit_offset: torch.Tensor | None = None,
+    loss=None,
     dpsgd=None,
     control: tuple[dict, dict] | None = None,
     optimizer_state: Weights | None = None,
@@ -83,6 +83,7 @@ def train(
     ``optimizer_state`` (train.keep_optimizer_state): the AdamW state this client saved at the end of its last
     round ({} = none yet); the update's ``optimizer`` holds the state to keep for the next one.
     ``noise_seed``: DP-SGD's noise seed, derived from the client's own secret (None: from the public run seed).
+    ``loss``: (model, batch) -> the loss to train on instead of the task's (a feature's: logit adjustment, FedRS...).
     """
     n = len(data)
     if n == 0:
@@ -110,7 +111,7 @@ def train(
         opt = private.optimizer
     try:
         loss_sum, lr, grad_mean = _steps(
-            model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private, control
+            model, data, task, ctask, cfg, rounds, client_name, loss, params, opt, batches, private, control
         )
     finally:
         if private is not None:
@@ -155,7 +156,7 @@ def load_adamw_state(opt: torch.optim.AdamW, params: dict[str, torch.Tensor], st
                         "exp_avg_sq": v.to(p.device, p.dtype, copy=True)}
 
 
-def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, params, opt, batches, private, control=None):
+def _steps(model, data, task, ctask, cfg, rounds, client_name, loss_fn, params, opt, batches, private, control=None):
     """The optimiser steps of one round; returns the summed loss, the last learning rate and (SCAFFOLD) the mean
     gradient."""
     model.train()
@@ -167,8 +168,6 @@ def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, par
         c, c_i = control
         correction = {k: (c[k] - c_i[k]).to(p.device, p.dtype) for k, p in params.items()}
         grad_sum = {k: torch.zeros_like(p) for k, p in params.items()}
-    if logit_offset is not None:
-        logit_offset = logit_offset.to(where.device)
     penalty = _penalty(ctask, params)
     for k, idx in enumerate(batches):
         lr = lr_at((ctask.round - 1 + k / len(batches)) / rounds, cfg)
@@ -177,7 +176,7 @@ def _steps(model, data, task, ctask, cfg, rounds, client_name, logit_offset, par
         if len(idx) == 0:  # an empty Poisson batch (DP-SGD only): the step still releases pure noise
             private.noise_step()
             continue
-        loss = _backward(model, data, task, idx, cfg, where, scaler, logit_offset, penalty, f"client {client_name}, "
+        loss = _backward(model, data, task, idx, cfg, where, scaler, loss_fn, penalty, f"client {client_name}, "
                          f"round {ctask.round}, local step {k}")
         if scaler is not None:
             scaler.unscale_(opt)  # clip and correct true gradients
@@ -225,7 +224,7 @@ def _penalty(ctask, params):
     return add
 
 
-def _backward(model, data, task, idx, cfg, where, scaler, logit_offset, penalty, at: str) -> torch.Tensor:
+def _backward(model, data, task, idx, cfg, where, scaler, loss_fn, penalty, at: str) -> torch.Tensor:
     """Gradients of one batch's loss, accumulated over micro-batches of ``train.micro_batch_size`` examples.
 
     Each micro-batch's mean loss is weighted by its share of the batch's loss terms (examples, or predicted tokens
@@ -243,7 +242,7 @@ def _backward(model, data, task, idx, cfg, where, scaler, logit_offset, penalty,
             continue
         batch = where.move(batch)
         with where.autocast():
-            loss = task.loss(model, batch) if logit_offset is None else task.loss(model, batch, logit_offset)
+            loss = (loss_fn or task.loss)(model, batch)
         loss = loss.float() * (terms[j] / total) if len(parts) > 1 else loss.float()
         if penalty is not None:
             loss, penalty = penalty(loss), None

@@ -38,6 +38,8 @@ def load_final(final: Path, source: str, task: str = "classification"):
 
 
 def evaluate_run(run_dir: Path) -> dict:
+    """The final model(s) on the global test set and the owners' own splits; each owner's personal model (when the
+    run personalized) on its own split."""
     rd = RunDir(run_dir)
     cfg = rd.load_config()
     if rd.status().get("status") != "complete":
@@ -47,11 +49,15 @@ def evaluate_run(run_dir: Path) -> dict:
     if not (run_dir / "final" / "config.json").exists() and not (run_dir / "final" / "adapter_config.json").exists():
         # local: one model per client
         finals = [(run_dir / "final" / name, i) for i, name in enumerate(app.split.client_names)]
+    personal = run_dir / "personal"  # personal.method: each owner's own model, scored on its own split only
+    finals += [(personal / name, i) for i, name in enumerate(app.split.client_names) if (personal / name).is_dir()]
     rows = []
     for path, index in finals:
         app.model = load_final(path, cfg.model.source, cfg.task)
-        name = path.name if index is not None else "final"
-        rows.append({"model": name, "split": "global test", **app.task.evaluate(app.model, app.global_test, cfg.eval.batch_size)})
+        name = "final" if index is None else f"personal/{path.name}" if path.parent == personal else path.name
+        if path.parent != personal:
+            rows.append({"model": name, "split": "global test",
+                         **app.task.evaluate(app.model, app.global_test, cfg.eval.batch_size)})
         clients = range(len(app.split.client_names)) if index is None else [index]
         for i in clients:
             if len(app.shards[i].test):

@@ -26,6 +26,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from fedfm.config import PeftSection  # noqa: E402
 from fedfm.errors import ConfigError, ModelError  # noqa: E402
+from fedfm.heads import head_of, simplex_etf  # noqa: E402
 from fedfm.placement import Placement, attach  # noqa: E402
 from fedfm.types import Weights  # noqa: E402
 
@@ -126,6 +127,7 @@ class Build:
     where: Placement = Placement()
     quantization: str | None = None  # model.quantization: '4bit' | '8bit' | None
     checkpointing: bool = False  # train.gradient_checkpointing
+    etf_head: str | None = None  # head.loss=fedetf: the head is a simplex ETF, 'frozen' or 'trainable' (by CCVR only)
 
     def load_kwargs(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         """``from_pretrained`` keyword arguments: the storage dtype, and a bitsandbytes quantization placed straight
@@ -203,7 +205,22 @@ def load_classifier(source: str, label_names: list[str], build: Build) -> torch.
         raise ModelError(f"cannot load model from {path}: {exc}") from None
     model = build.wrap(model, "SEQ_CLS")
     pass_prefix_as_cache(model)
+    if build.etf_head is not None:
+        fix_etf_head(model, len(label_names), build.seed, frozen=build.etf_head == "frozen")
     return build.finish(model)
+
+
+def fix_etf_head(model: torch.nn.Module, num_classes: int, seed: int, frozen: bool = True) -> None:
+    """FedETF: the head's weight becomes a seeded simplex ETF and its bias zero. Frozen, neither trains nor travels;
+    kept trainable (for CCVR's calibration at the server), the clients' FedETF loss still never moves it: it reads the
+    head detached, so the head has no gradient and AdamW leaves it as it is."""
+    head = head_of(model)
+    with torch.no_grad():
+        head.linear.weight.copy_(simplex_etf(num_classes, head.linear.in_features, seed))
+        if head.linear.bias is not None:
+            head.linear.bias.zero_()
+    if frozen:
+        head.linear.requires_grad_(False)
 
 
 def pass_prefix_as_cache(model) -> None:

@@ -6,4 +6,6 @@ client code. The App answers each through the feature that owns it (``App.call``
 
 SECAGG_STEPS = ("secagg_advertise", "secagg_share_keys", "secagg_receive_shares", "secagg_unmask")
 FISHER = "continual_fisher"
-PROTOCOL_FUNCTIONS = (*SECAGG_STEPS, FISHER)
+CLASS_STATS = "ccvr_class_stats"
+PERSONALIZE = "personalize"
+PROTOCOL_FUNCTIONS = (*SECAGG_STEPS, FISHER, CLASS_STATS, PERSONALIZE)

@@ -11,15 +11,20 @@ from fedfm.aggregators.qfedavg import QFedAvg
 from fedfm.aggregators.robust import Krum, Median, NormBound, TrimmedMean
 from fedfm.features.attack import Attack
 from fedfm.features.base import Feature
+from fedfm.features.ccvr import CCVR
 from fedfm.features.compression import Compression
 from fedfm.features.continual import Continual
 from fedfm.features.dpsgd import DPSGD
 from fedfm.features.faults import Faults
+from fedfm.features.fedaws import FedAwS
+from fedfm.features.fedetf import FedETF
+from fedfm.features.fedrs import FedRS
 from fedfm.features.logit_adjustment import LogitAdjustment
 from fedfm.features.lora_aggregation import LoraAggregation
 from fedfm.features.lora_ranks import LoraRanks
 from fedfm.features.norm_screen import NormScreening
 from fedfm.features.optimizer_state import KeepOptimizerState
+from fedfm.features.personal import Personal
 from fedfm.features.private import Private
 from fedfm.features.scaffold import Scaffold as ScaffoldFeature
 from fedfm.features.server_data import ServerData
@@ -73,16 +78,21 @@ FEATURES: list[type[Feature]] = [
     Continual,
     Faults,
     LogitAdjustment,
+    FedRS,
+    FedAwS,
+    FedETF,
     KeepOptimizerState,
     DPSGD,
     LoraAggregation,
     ScaffoldFeature,
+    Personal,
     Attack,
     LoraRanks,
     Compression,
     Private,
     ServerData,
     NormScreening,
+    CCVR,
 ]
 
 

@@ -666,7 +666,32 @@ def _comparison_row(run: dict) -> dict:
     keys = ("accuracy", "macro_f1", "loss", "perplexity", "own_accuracy", "own_perplexity", "bytes_total", "wall_time_s", "rounds")
     retrieval = {k: fm[k] for k in (*RETRIEVAL_KEYS, "own_recall@5")} if _is_retrieval([fm]) else {}
     instruction = {k: fm[k] for k in (*INSTRUCTION_KEYS, "own_rougeL")} if _is_instruction([fm]) else {}
-    return {"method": run["method"], **{k: fm[k] for k in keys}, **retrieval, **instruction, "status": run["state"]}
+    per_client = (run["summary"] or {}).get("per_client") or []
+    worst = {"own_worst_accuracy": _own_worst(per_client, "accuracy", False),
+             "own_worst_perplexity": _own_worst(per_client, "perplexity", True)}
+    return {"method": run["method"], **{k: fm[k] for k in keys}, **worst, **retrieval, **instruction,
+            "status": run["state"]}
+
+
+def _own_worst(per_client: list[dict], key: str, lower_is_better: bool) -> float | None:
+    """The worst owner's own-split figure (lowest accuracy, highest perplexity)."""
+    values = [v for c in per_client if (v := _finite((c.get("own") or c).get(key))) is not None]
+    return (max if lower_is_better else min)(values) if values else None
+
+
+def _personal_row(run: dict) -> dict | None:
+    """The 'personalized' row: each owner's personal model on its own test split (mean and worst); the personal
+    models have no single global figure."""
+    personal = (run["summary"] or {}).get("personal")
+    if not personal:
+        return None
+    own, per_client = personal.get("own_mean") or {}, personal.get("per_client") or []
+    return {"method": "personalized", "accuracy": None, "macro_f1": None, "loss": None, "perplexity": None,
+            "own_accuracy": own.get("accuracy"), "own_perplexity": own.get("perplexity"),
+            "own_worst_accuracy": _own_worst(per_client, "accuracy", False),
+            "own_worst_perplexity": _own_worst(per_client, "perplexity", True),
+            "bytes_total": None, "wall_time_s": None, "rounds": run["summary"].get("rounds"),
+            "personal_method": personal.get("method"), "status": run["state"]}
 
 
 def _is_lm(rows: list[dict]) -> bool:
@@ -714,9 +739,12 @@ def _comparison_cells(comparison: dict) -> tuple[list[str], list[list[str]]]:
         quality = [lambda r: fmt_pct(r.get("recall@1")), lambda r: fmt_pct(r.get("recall@5")),
                    lambda r: fmt_num(r.get("mrr")), lambda r: fmt_num(r["loss"]), lambda r: fmt_pct(r.get("own_recall@5"))]
     else:
-        headers = ["Method", "Accuracy", "Macro-F1", "Loss", "Perplexity", "Own-split acc"]
+        headers = ["Method", "Accuracy", "Macro-F1", "Loss", "Perplexity", "Own-split acc", "Worst owner acc",
+                   "Own-split PPL", "Worst owner PPL"]
         quality = [lambda r: fmt_pct(r["accuracy"]), lambda r: fmt_pct(r["macro_f1"]), lambda r: fmt_num(r["loss"]),
-                   lambda r: fmt_num(r.get("perplexity")), lambda r: fmt_pct(r["own_accuracy"])]
+                   lambda r: fmt_num(r.get("perplexity")), lambda r: fmt_pct(r["own_accuracy"]),
+                   lambda r: fmt_pct(r.get("own_worst_accuracy")), lambda r: fmt_num(r.get("own_perplexity")),
+                   lambda r: fmt_num(r.get("own_worst_perplexity"))]
     headers += ["Communication", "Wall time", "Rounds", "vs centralized", "Status"]
     rows = [[r["method"], *(f(r) for f in quality), fmt_bytes(r["bytes_total"]), fmt_duration(r["wall_time_s"]),
              fmt_num(r["rounds"]), fmt_pct(rel.get(r["method"])), r.get("status", _DASH)] for r in comparison["rows"]]
@@ -775,6 +803,7 @@ def write_comparison(compare_dir: Path, methods: list[str] | None = None) -> dic
     for run, name in zip(runs, names):
         run["method"] = name  # the directory name is the label in a comparison
     rows = [_comparison_row(r) for r in runs]
+    rows += [row for r in runs if (row := _personal_row(r)) is not None]
     comparison = _json_safe({"rows": rows, "relative_to_centralized": _relative(rows)})
     _write_text(compare_dir / "comparison.json", json.dumps(comparison, indent=2) + "\n")
     _write_text(compare_dir / "comparison.md", _markdown(comparison))
@@ -812,8 +841,9 @@ def comparison_table(comparison: dict) -> Table:
                            fmt_pct(r.get("own_rougeL")))
     elif _is_lm(rows):
         title = "Language modelling: perplexity on the global test set"
-        cols = ("PPL", "Tok acc", "Own PPL")
-        cells = lambda r: (fmt_num(r.get("perplexity")), fmt_pct(r.get("accuracy")), fmt_num(r.get("own_perplexity")))  # noqa: E731
+        cols = ("PPL", "Tok acc", "Own PPL", "Worst")
+        cells = lambda r: (fmt_num(r.get("perplexity")), fmt_pct(r.get("accuracy")), fmt_num(r.get("own_perplexity")),  # noqa: E731
+                           fmt_num(r.get("own_worst_perplexity")))
 
         def ratio(r: dict) -> str:  # perplexity: lower is better, shown as a plain ratio
             x = rel.get(r.get("method"))
@@ -825,8 +855,9 @@ def comparison_table(comparison: dict) -> Table:
                            fmt_pct(r.get("own_recall@5")))
     else:
         title = "Federated vs centralized vs local (global test set)"
-        cols = ("Accuracy", "Macro-F1", "Own acc")
-        cells = lambda r: (fmt_pct(r.get("accuracy")), fmt_pct(r.get("macro_f1")), fmt_pct(r.get("own_accuracy")))  # noqa: E731
+        cols = ("Acc", "F1", "Own acc", "Worst")
+        cells = lambda r: (fmt_pct(r.get("accuracy")), fmt_pct(r.get("macro_f1")), fmt_pct(r.get("own_accuracy")),  # noqa: E731
+                           fmt_pct(r.get("own_worst_accuracy")))
     table = Table(title=title, box=box.SIMPLE_HEAD)
     table.add_column("Method", no_wrap=True)
     for col in (*cols, "Sent", "Time", "/ cent."):

@@ -54,6 +54,8 @@ class Cap(Enum):
     DEPLOYED = auto()  # runs on real owners' machines (Flower)
     WHOLE_BATCH_LOSS = auto()  # the loss is a function of the whole batch, not a sum of per-example terms
     SPLITS_BATCHES = auto()  # computes one batch's gradient as the weighted sum of its micro-batches' gradients
+    REPLACES_LOSS = auto()  # trains the clients on a loss of its own instead of the task's
+    PARTIAL_UPDATE = auto()  # clients send only some of the trainable tensors
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,10 @@ RULES = [
          "micro-batches' losses; unset train.micro_batch_size"),
     Rule(Cap.SPLITS_BATCHES, Cap.PER_EXAMPLE, "{a} with {b}: per-example clipping and noise apply once per optimizer "
          "step of the whole batch; unset train.micro_batch_size"),
+    Rule(Cap.REPLACES_LOSS, Cap.REPLACES_LOSS, "{a} with {b}: each replaces the clients' loss; choose one of them"),
+    Rule(Cap.PARTIAL_UPDATE, Cap.COMPRESSES, "{a} with {b}: {a_why}, and the compressed message covers every tensor; "
+         "{a_fix}"),
+    Rule(Cap.PARTIAL_UPDATE, Cap.SUM_ONLY, "{a} with {b}: {a_why}, and the masked sum covers every tensor; {a_fix}"),
     Rule(Cap.SIMULATED, Cap.DEPLOYED, "{a} is not available on {b}: {a_why}"),
 ]
 

@@ -10,6 +10,8 @@ from pydantic import Field, model_validator
 import fedfm.config.continual as continual_concern
 import fedfm.config.engine as engine_concern
 import fedfm.config.federation as federation_concern
+import fedfm.config.head as head_concern
+import fedfm.config.personal as personal_concern
 import fedfm.config.privacy as privacy_concern
 import fedfm.config.strategy as strategy_concern
 import fedfm.config.train as train_concern
@@ -19,6 +21,8 @@ from fedfm.config.continual import ContinualConfig
 from fedfm.config.data import COLLECTIONS, FILE_SOURCES, INSTRUCTION_SOURCES, DataConfig
 from fedfm.config.engine import EngineConfig
 from fedfm.config.federation import FederationConfig
+from fedfm.config.head import HeadConfig
+from fedfm.config.personal import PersonalConfig
 from fedfm.config.model import ModelConfig, PeftSection
 from fedfm.config.privacy import DPConfig, DPSGDConfig, SecAggConfig
 from fedfm.config.rules import Cap, Part, check
@@ -82,10 +86,22 @@ class CompareConfig(Section):
     )
 
 
+# recipe -> section -> settings it applies (benchmarks/results/label_skew.md measured them)
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "label_skew": {"head": {"loss": "fedetf", "calibrate": "ccvr"}},
+}
+
+
 class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>.")
     seed: int = Field(0, description="Seed for data splits, initialisation, sampling and local training.")
     rounds: int = Field(5, ge=1, description="Federated rounds.")
+    recipe: Literal["none", "label_skew"] = Field(
+        "none",
+        description="label_skew: the settings benchmarks/label_skew.py found to work for owners that hold one or a "
+        "few classes (head.loss=fedetf and head.calibrate=ccvr, unless the head section says otherwise). CCVR "
+        "reveals each owner's per-class feature mean and covariance: see the README's privacy table.",
+    )
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     task: Literal["classification", "causal_lm", "retrieval", "instruction"] = Field(
         "classification",
@@ -97,6 +113,8 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftSection = Field(default_factory=PeftSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    personal: PersonalConfig = Field(default_factory=PersonalConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -122,6 +140,18 @@ class RunConfig(Section):
         if natural and (fed is None or (isinstance(fed, dict) and "num_clients" not in fed)):
             raw = {**raw, "federation": {**(fed or {}), "num_clients": None}}
         return raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, raw: Any) -> Any:
+        """recipe: its settings under whatever the config sets itself."""
+        if not isinstance(raw, dict) or raw.get("recipe") not in RECIPES:
+            return raw
+        out = dict(raw)
+        for section, values in RECIPES[raw["recipe"]].items():
+            mine = out.get(section)
+            out[section] = {**values, **(mine if isinstance(mine, dict) else {})} if not isinstance(mine, Section) else mine
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -159,15 +189,16 @@ class RunConfig(Section):
             raise ValueError("model.quantization quantizes pretrained weights: not with model.source=scratch")
         if ("server" in self.compare.methods or self.server_data.steps > 0) and not self.server_data.active:
             raise ValueError("server_data.steps and the 'server' method need server_data.fraction > 0")
-        for concern in (privacy_concern, continual_concern, strategy_concern, federation_concern, updates_concern):
+        for concern in (privacy_concern, continual_concern, strategy_concern, federation_concern, updates_concern,
+                        head_concern, personal_concern):
             concern.check(self)
         check(self.parts())
         return self
 
     def parts(self) -> list[Part]:
         """Every part this config switches on, with its declared capabilities (``fedfm.config.rules``)."""
-        concerns = (strategy_concern, federation_concern, privacy_concern, train_concern, continual_concern,
-                    updates_concern, engine_concern)
+        concerns = (strategy_concern, federation_concern, privacy_concern, train_concern, head_concern,
+                    personal_concern, continual_concern, updates_concern, engine_concern)
         return [*self._own_parts(), *(part for c in concerns for part in c.parts(self))]
 
     def _own_parts(self) -> list[Part]:

@@ -79,6 +79,7 @@ def parts(cfg) -> list[Part]:
             Cap.COUPLED_EXAMPLES: "clients reveal their label counts, and each example's loss would depend on the "
             "other examples' labels",
             Cap.LABEL_PRIOR: "", Cap.SIMULATED: "it needs every owner's label counts",
+            Cap.REPLACES_LOSS: "it replaces the classification loss",
         }, fix="turn it off for private runs"))
     if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size < cfg.train.batch_size:
         out.append(Part("train.micro_batch_size", {Cap.SPLITS_BATCHES: ""}))

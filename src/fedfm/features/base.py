@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from fedfm.heads import Head, head_of
 from fedfm.types import ClientTask, ClientUpdate, ServerState, Weights
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class ClientRound:
     data: Any  # what it trains on (continual learning narrows it to the stage)
     load_state: Callable[[], Weights]
     new_state: Weights = field(default_factory=dict)  # what it keeps for its next round (merged over the old)
-    logit_offset: torch.Tensor | None = None
+    loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None  # (model, batch) -> loss, for the task's own
     control: tuple[Weights, Weights] | None = None  # SCAFFOLD's (c, c_i)
     optimizer_state: Weights | None = None  # train.keep_optimizer_state: AdamW's moments ({} = none yet)
     noise_seed: int | None = None  # DP-SGD's noise, from the client's secret
@@ -159,6 +160,11 @@ class Feature:
         """Entries of summary.json."""
         return {}
 
+    def finished(self, runner, states) -> dict[str, Any]:
+        """After the final evaluation, while the clients' private state still exists: what owners do with the final
+        model (personalization); entries of summary.json."""
+        return {}
+
     # --- client side ---------------------------------------------------------------------------
     def client_before(self, c: ClientRound) -> None:
         """Prepare the client's training (its data, what the loop adds, state to read)."""
@@ -170,3 +176,19 @@ class Feature:
     def protocol(self) -> dict[str, Callable[[int, bytes], bytes]]:
         """Protocol steps this feature answers at a client (``fedfm.protocol``), by name."""
         return {}
+
+
+class HeadLoss(Feature):
+    """A ``head.loss`` method (FedRS, FedAwS, FedETF): switched on by its name, it finds the model's classification
+    head once and sets the clients' loss. The baselines train on the task's cross-entropy."""
+
+    loss_name: ClassVar[str] = ""
+    federated_only = True
+
+    def __init__(self, app):
+        self.app = app
+        self.head: Head = head_of(app.model)
+
+    @classmethod
+    def active(cls, cfg) -> bool:
+        return cfg.head.loss == cls.loss_name

@@ -37,4 +37,5 @@ class LogitAdjustment(Feature):
         if c.index not in self._offsets:
             labels = self.app.shards[c.index].train.labels
             self._offsets[c.index] = self.app.task.logit_offset(labels, self.label_counts)
-        c.logit_offset = self._offsets[c.index]
+        offset, task = self._offsets[c.index], self.app.task
+        c.loss = lambda model, batch: task.loss(model, batch, offset.to(batch["labels"].device))

@@ -22,6 +22,7 @@ from fedfm.app import App
 from fedfm.card import write_model_card
 from fedfm.client import derive_seed
 from fedfm.errors import FedFMError
+from fedfm.heads import label_skew_hint
 from fedfm.models import save_pretrained, set_weights
 from fedfm.round.groups import Group, shard_sizes
 from fedfm.round.loop import Rounds
@@ -42,6 +43,11 @@ class Runner:
         self.rounds = Rounds(app, method, run_dir)
         self.groups, self.engine = self.rounds.groups, self.rounds.engine
         self.stopped: str | None = None  # why the run ended before cfg.rounds (a privacy budget), if it did
+        cfg = self.cfg
+        if method == "federated" and cfg.task == "classification" and not cfg.head.active and app.owner is None:
+            hint = label_skew_hint([s.train.labels for s in app.client_shards], app.task.num_labels)
+            if hint and not cfg.train.logit_adjustment:
+                log.warning(hint)
 
     def new_states(self, round_: int = 0) -> GroupStates:
         budget = self.cfg.engine.state_memory_mb * 2**20
@@ -119,6 +125,8 @@ class Runner:
         if samples:  # generated answers of each final model, shown in the run report
             atomic_write_text(self.dir.path / "samples.json", json.dumps(samples, indent=1))
         summary = self.summary(states.round, wall, per_group, own, glob_each)
+        for f in self.rounds.features:
+            summary.update(f.finished(self, states))
         for group in self.groups:  # over peft's empty template: the run's facts and how to load the model
             write_model_card(self.final_dir(group), app, self.method, group.name, summary)
         atomic_write_text(self.dir.path / "summary.json", json.dumps(summary, indent=1))

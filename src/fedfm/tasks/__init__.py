@@ -22,7 +22,8 @@ from fedfm.tasks.retrieval import RetrievalTask, encode_pairs
 def build_task(cfg, dataset, split, where: Placement) -> tuple[Any, Any, Any, Callable]:
     """(tokenizer, task, model, data) for ``cfg.task``; ``data(indices)`` encodes those examples of ``dataset``.
     The model is built on ``where``'s device and in its precision."""
-    build = Build(cfg.peft, cfg.seed, where, cfg.model.quantization, cfg.train.gradient_checkpointing)
+    build = Build(cfg.peft, cfg.seed, where, cfg.model.quantization, cfg.train.gradient_checkpointing,
+                  ("trainable" if cfg.head.calibrate == "ccvr" else "frozen") if cfg.head.loss == "fedetf" else None)
     if cfg.task == "classification":
         tokenizer = load_tokenizer(cfg.model.source)
         encoded = encode(tokenizer, dataset.texts, dataset.labels, cfg.data.max_length)
