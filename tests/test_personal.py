@@ -139,7 +139,8 @@ def test_fedper_trains_from_its_own_kept_tensor_and_keeps_start_plus_change():
 
 @pytest.mark.parametrize("method", ["ditto", "finetune"])
 def test_ditto_and_finetune_give_each_owner_a_scored_saved_model(tmp_path, method):
-    cfg = tiny(tmp_path, f"personal.method={method}", "compare.methods=[federated, local]", "personal.finetune_steps=3")
+    cfg = tiny(tmp_path, f"personal.method={method}", "compare.methods=[federated, local]", "personal.finetune_steps=3",
+               "rounds=1")  # one round: the personal model and the row are what is checked
     comparison = server.compare(cfg)
     base = tmp_path / "p"
     summary = json.loads((base / "federated" / "summary.json").read_text())
