@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fedfm.features.base import ClientRound, Feature
+from fedfm.placement import placement_of
 
 
 class LogitAdjustment(Feature):
@@ -37,5 +38,6 @@ class LogitAdjustment(Feature):
         if c.index not in self._offsets:
             labels = self.app.shards[c.index].train.labels
             self._offsets[c.index] = self.app.task.logit_offset(labels, self.label_counts)
-        offset, task = self._offsets[c.index], self.app.task
-        c.loss = lambda model, batch: task.loss(model, batch, offset.to(batch["labels"].device))
+        # on the model's device once per round, not once per step
+        offset, task = self._offsets[c.index].to(placement_of(self.app.model).device), self.app.task
+        c.loss = lambda model, batch: task.loss(model, batch, offset)
