@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedfm import server
 from fedfm.app import App
@@ -41,9 +42,11 @@ def test_ray_engine_matches_embedded_bitwise(tmp_path):
     # compression with error feedback: each client's residual is written by an actor and read back next round,
     # so the shared clients/ folder and the client -> actor assignment are both exercised; the centralized
     # baseline's pooled participant exists only after the server adds it, so actors must add the same one;
-    # both methods run on one set of actors (the engine is kept across a comparison's methods)
+    # both methods run on one set of actors (the engine is kept across a comparison's methods); the owner protocol
+    # steps after the last round, CCVR's class statistics and each owner's personal model, run on the actors too
     sets = ("engine.threads=1", "compression.up=[topk,int8]", "compression.topk_fraction=0.1",
-            "compare.methods=[federated,centralized]")
+            "compare.methods=[federated,centralized]", "head.calibrate=ccvr", "head.ccvr_steps=5",
+            "personal.method=finetune", "personal.finetune_steps=2")
     server.compare(tiny(tmp_path, "name=emb", *sets))
     server.compare(tiny(tmp_path, "name=ray", "engine.name=ray", "engine.workers=2", *sets))
     for method in ("federated", "centralized"):
@@ -57,6 +60,12 @@ def test_ray_engine_matches_embedded_bitwise(tmp_path):
         assert sa["per_client"] == sb["per_client"]  # final per-client evaluation ran on the actors
     fed = json.loads((tmp_path / "ray" / "federated" / "summary.json").read_text())
     assert fed["client_states"]["clients"] == 3
+    emb_fed = json.loads((tmp_path / "emb" / "federated" / "summary.json").read_text())
+    assert len(fed["personal"]["per_client"]) == 3 and fed["personal"] == emb_fed["personal"]
+    for c in fed["personal"]["per_client"]:  # the adapter each owner saved (peft's format) is the embedded engine's
+        x, y = (load_file(tmp_path / r / "federated" / "personal" / c["client"] / "adapter_model.safetensors")
+                for r in ("emb", "ray"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_owner_directories_hold_exactly_the_simulated_shards(tmp_path):
@@ -307,3 +316,4 @@ def test_ray_local_cluster_listens_on_loopback_only(tmp_path):
             engine._gather([stuck])
     finally:
         close_engine(app)
+

@@ -162,6 +162,7 @@ def test_ccvr_recalibrates_the_head_at_the_last_round(tmp_path):
     (["head.calibrate=ccvr", "secagg.enabled=true", "federation.min_clients=2", "compare.methods=[federated]"], "feature mean and covariance"),
     (["head.loss=fedaws", "dpsgd.enabled=true", "compare.methods=[federated]"], "per-example"),
     (["head.loss=fedrs", "task=causal_lm", "data.source=shakespeare"], "classification head"),
+    (["recipe=label_skew", "personal.method=fedper", "compare.methods=[federated]"], "never train"),
 ])
 def test_head_methods_refuse_what_they_cannot_join(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):

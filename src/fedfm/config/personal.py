@@ -26,7 +26,12 @@ class PersonalConfig(Section):
         description="fedper: name patterns of the trainable tensors that stay at the owner (default: the "
         "classification head; ['lora_'] keeps the adapter and shares the head).",
     )
-    ditto_lambda: float = Field(0.1, ge=0, description="ditto: strength of the pull toward the global model.")
+    ditto_lambda: float = Field(
+        0.1, ge=0,
+        description="ditto: strength of the pull toward the global model. Under AdamW the pull's gradient competes "
+        "with the loss's before Adam's normalisation, so small values change little: on BBC with LoRA, 0.1 and 1 gave "
+        "the local-only model's predictions exactly, 100 moved the personal model to the global one's.",
+    )
     finetune_steps: int = Field(20, ge=1, description="finetune: local steps on the final global model.")
     finetune_lr: float | None = Field(None, gt=0, description="finetune: constant learning rate (None: train.lr).")
 
@@ -36,8 +41,15 @@ class PersonalConfig(Section):
 
 
 def check(cfg) -> None:
-    if cfg.personal.active and "federated" not in cfg.compare.methods:
+    p = cfg.personal
+    if p.active and "federated" not in cfg.compare.methods:
         raise ValueError("personal.method personalizes a federated run: keep 'federated' in compare.methods")
+    if p.method == "fedper" and cfg.head.loss == "fedetf" and any(k in ("classifier", "score") for k in p.keep):
+        # the owner would keep a head that never trains, and drop the one CCVR calibrates (measured: 52.6% on its
+        # own split against 70.2% for local-only training, benchmarks/results/personalize.md)
+        raise ValueError("personal.method=fedper keeps the classification head at the owner, but head.loss=fedetf "
+                         "(set by recipe: label_skew) fixes that head, so the owner's copy would never train: keep the "
+                         "adapter instead (personal.keep=[lora_]), or use personal.method=finetune")
 
 
 def parts(cfg) -> list[Part]:
