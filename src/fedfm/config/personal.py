@@ -44,12 +44,14 @@ def check(cfg) -> None:
     p = cfg.personal
     if p.active and "federated" not in cfg.compare.methods:
         raise ValueError("personal.method personalizes a federated run: keep 'federated' in compare.methods")
-    if p.method == "fedper" and cfg.head.loss == "fedetf" and any(k in ("classifier", "score") for k in p.keep):
-        # the owner would keep a head that never trains, and drop the one CCVR calibrates (measured: 52.6% on its
-        # own split against 70.2% for local-only training, benchmarks/results/personalize.md)
+    keeps_head = any(h in k for k in p.keep for h in ("classifier", "score"))  # patterns naming the head's tensors
+    if p.method == "fedper" and cfg.head.loss == "fedetf" and keeps_head:
+        # the owner would keep a head that never trains, and drop the one CCVR calibrates (measured: 52.7% on its
+        # own split against 70.2% for local-only training, benchmarks/results/personalize_two.md)
         raise ValueError("personal.method=fedper keeps the classification head at the owner, but head.loss=fedetf "
-                         "(set by recipe: label_skew) fixes that head, so the owner's copy would never train: keep the "
-                         "adapter instead (personal.keep=[lora_]), or use personal.method=finetune")
+                         "(set by recipe: label_skew) fixes that head, so the owner's copy would never train: use "
+                         "personal.method=finetune (keeping the adapter, personal.keep=[lora_], is allowed but measured "
+                         "below local-only training: the calibrated head expects the global adapter's features)")
 
 
 def parts(cfg) -> list[Part]:
