@@ -99,6 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["ray", "flower"], required=True)
     ap.add_argument("--rounds", type=int, default=None, help="default 3; --quick 1")
+    ap.add_argument("--model", choices=["minilm", "smollm2"], default="minilm",
+                    help="flower suite: MiniLM + LoRA on BBC, or SmolLM2-135M + LoRA on Shakespeare")
     add_quick_args(ap, "240 articles over 2 owners, 1 round of 1 local step of 8")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -109,14 +111,15 @@ def main() -> None:
     else:
         from flower_bench import suite_flower
 
-        rows, table = suite_flower(args.rounds, QUICK if args.quick else [], args.quick)
-    command, info, head = result_header(f"Engines: {args.suite}", "benchmarks/engines.py")
+        rows, table = suite_flower(args.rounds, QUICK if args.quick else [], args.quick, args.model)
+    name = f"engines_{args.suite}" + ("_smollm2" if args.model == "smollm2" else "")
+    command, info, head = result_header(f"Engines: {args.suite}" + (f" ({args.model})" if args.model != "minilm" else ""),
+                                        "benchmarks/engines.py")
     print(table)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"engines_{args.suite}.json").write_text(
-            json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
-        (out / f"engines_{args.suite}.md").write_text("\n".join(head) + "\n\n" + table + "\n")
+        (out / f"{name}.json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
+        (out / f"{name}.md").write_text("\n".join(head) + "\n\n" + table + "\n")
     print(f"done in {time.time() - t0:.0f} s")
 
 

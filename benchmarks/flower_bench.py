@@ -85,109 +85,142 @@ SECAGG = ["secagg.enabled=true", "dp.mode=distributed", "dp.seeded_noise=true", 
           "dp.clip_norm=0.5", "federation.min_clients=2", "compare.methods=[federated]"]
 
 
-def suite_flower(rounds: int, extra: list[str], quick: bool = False) -> tuple[list[dict], str]:
-    """The three measurements over ``rounds`` rounds each; ``extra`` overrides the job (engines.py --quick).
-    ``quick`` (the test suite's smoke run) keeps the fedfm job on both engines and the echo app's latency floor, and
-    leaves out the adapter-sized echo and the secure-aggregation pair (tests/test_flower.py runs secure aggregation
-    over Flower)."""
+SMOLLM2 = ["seed=0", "task=causal_lm", "data.source=shakespeare", "data.owner=play", "data.max_examples=600",
+           "data.partition=dirichlet", "data.alpha=1.0", "data.max_length=64", "federation.num_clients=3",
+           "model.source=smollm2", "peft.method=lora",
+           "peft.options={r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}", "train.local_steps=5",
+           "train.batch_size=4", "train.lr=0.001", "eval.max_examples=16", "engine.threads=1"]
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _rounds(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same(a: Path, b: Path) -> bool:
     import torch
     from safetensors.torch import load_file
 
+    x, y = load_file(_latest(a)), load_file(_latest(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _node_seconds(run: Path) -> dict:
+    ns = json.loads((Path(run) / "nodes.json").read_text())["node_seconds"]
+    return {k: _mean(x[k] for x in ns if x.get(k) is not None) for k in ("node_setup_s", "node_train_s")} | {
+        "messages": len(ns), "first_setup_s": ns[0]["node_setup_s"] if ns else None}
+
+
+def suite_flower(rounds: int, extra: list[str], quick: bool = False, model: str = "minilm") -> tuple[list[dict], str]:
+    """Over ``rounds`` rounds each: the job on the embedded engine, on Flower with the owners' workers (after) and
+    with a ClientApp that loads the owner's App for every message (before), the same pair under secure aggregation
+    + distributed DP, and Flower's own latency floor (an echo app). ``extra`` overrides the job (--quick).
+    ``quick`` (the test suite's smoke run) keeps the fedfm job on the embedded engine and Flower with workers, and
+    the echo app's floor."""
     from fedfm import config, server
-    from fedfm.deploy import LocalFederation
+    from fedfm.deploy import LocalFederation, submit_app
     from fedfm.owner import export_owners
 
     root = Path(tempfile.mkdtemp(prefix="fedfm-flower-bench-"))
-    sets = JOB + [f"rounds={rounds}", f"output_dir={root / 'runs'}", *extra]
-    emb_cfg = config.load(None, sets + ["name=embedded"])
-    t0 = time.perf_counter()
-    emb = server.run(emb_cfg)
-    emb_wall = time.perf_counter() - t0
-    flower_cfg = config.load(None, sets + ["name=flower", "engine.name=flower", "engine.timeout_s=600"])
-    owners = export_owners(flower_cfg, root / "owners")
+    job = SMOLLM2 if model == "smollm2" else JOB
+    sets = job + [f"rounds={rounds}", f"output_dir={root / 'runs'}", *extra]
+    flower = ["engine.name=flower", "engine.timeout_s=900"]
+    runs: dict[str, Path] = {"embedded": server.run(config.load(None, sets + ["name=embedded"]))}
+    if not quick:
+        runs["sa-embedded"] = server.run(config.load(None, sets + SECAGG + ["name=sa-embedded"]))
+    owners = export_owners(config.load(None, sets), root / "owners")
     echo_dir = root / "echo"
     echo_dir.mkdir()
     (echo_dir / "pyproject.toml").write_text(ECHO_PYPROJECT)
     (echo_dir / "flower_echo.py").write_text(ECHO)
-    trainable = json.loads((emb / "summary.json").read_text())["trainable_params"]
-    results = {}
-    with LocalFederation(root / "fed", owners) as fed:
-        from fedfm.deploy import submit_app
-
-        for label, floats in (("tiny", 1),) if quick else (("tiny", 1), ("adapter", trainable)):
-            out = root / f"echo-{label}.json"
-            status = submit_app(echo_dir, {"rounds": rounds, "floats": floats, "out": str(out)}, fed.home,
-                                echo=lambda line: None)
-            assert status["status"].startswith("finished:completed"), status
-            results[label] = json.loads(out.read_text())
-        t0 = time.perf_counter()
-        status = fed.submit(flower_cfg.model_dump(mode="json"), root / "flower-run", echo=lambda line: None)
-        flower_wall = time.perf_counter() - t0
-        assert status["status"].startswith("finished:completed"), status
-        # secure aggregation + distributed DP: 4 protocol messages per owner per round besides training
-        status = {"status": "finished:completed"} if quick else fed.submit(config.load(None, sets + SECAGG + ["name=sa-flower", "engine.name=flower",
-                                                              "engine.timeout_s=600"]).model_dump(mode="json"),
-                            root / "sa-flower", echo=lambda line: None)
-        assert status["status"].startswith("finished:completed"), status
-    if not quick:
-        sa_emb = server.run(config.load(None, sets + SECAGG + ["name=sa-embedded"]))
-        m_sa = {k: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-                for k, d in (("embedded", sa_emb), ("flower", root / "sa-flower"))}
-        sa_same = all(torch.equal(x, y) for x, y in zip(load_file(_latest(sa_emb)).values(),
-                                                        load_file(_latest(root / "sa-flower")).values()))
-    run = root / "flower-run"
-    m_emb = [json.loads(x) for x in (emb / "metrics.jsonl").read_text().splitlines()]
-    m_fl = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    nodes = json.loads((run / "nodes.json").read_text())
-    a, b = load_file(_latest(emb)), load_file(_latest(run))
-    same = all(torch.equal(a[k], b[k]) for k in a)
-
-    def mean(xs):
-        return sum(xs) / len(xs)
-
-    rows = [
-        {"setting": "embedded engine, fedfm job", "round_s": mean([x["round_time_s"] for x in m_emb]),
-         "bytes_per_round": mean([x["bytes_up"] + x["bytes_down"] for x in m_emb]), "wall_s": emb_wall},
-        {"setting": "flower engine, fedfm job", "round_s": mean([x["round_time_s"] for x in m_fl]),
-         "bytes_per_round": mean([x["bytes_up"] + x["bytes_down"] for x in m_fl]), "wall_s": flower_wall,
-         "wire_array_bytes": nodes["wire_bytes"]},
-        {"setting": "Flower-only echo app, 4-byte array", "round_s": mean(results["tiny"]["round_s"]),
-         "bytes_per_round": 2 * 4 * results["tiny"]["nodes"]},
-    ]
-    if not quick:
-        rows += [
-        {"setting": f"Flower-only echo app, {trainable:,}-float array (the adapter's size)",
-         "round_s": mean(results["adapter"]["round_s"]), "bytes_per_round": 2 * 4 * trainable * results["adapter"]["nodes"]},
-        {"setting": "embedded engine, same job with secure aggregation + distributed DP",
-         "round_s": mean([x["round_time_s"] for x in m_sa["embedded"]]),
-         "bytes_per_round": mean([x["bytes_up"] + x["bytes_down"] for x in m_sa["embedded"]])},
-        {"setting": "flower engine, same job with secure aggregation + distributed DP",
-         "round_s": mean([x["round_time_s"] for x in m_sa["flower"]]),
-         "bytes_per_round": mean([x["bytes_up"] + x["bytes_down"] for x in m_sa["flower"]]),
-         "epsilon": m_sa["flower"][-1].get("epsilon"), "equal_to_embedded": sa_same},
-        ]
+    trainable = json.loads((runs["embedded"] / "summary.json").read_text())["trainable_params"]
+    echo, walls = {}, {}
+    for worker in (True,) if quick else (True, False):
+        tag = "worker" if worker else "no-worker"
+        with LocalFederation(root / f"fed-{tag}", owners, worker=worker) as fed:
+            if worker:
+                for label, floats in (("tiny", 1),) if quick else (("tiny", 1), ("adapter", trainable)):
+                    out = root / f"echo-{label}.json"
+                    status = submit_app(echo_dir, {"rounds": rounds, "floats": floats, "out": str(out)}, fed.home,
+                                        echo=lambda line: None)
+                    assert status["status"].startswith("finished:completed"), status
+                    echo[label] = json.loads(out.read_text())
+            for prefix, more in (("", []),) if quick else (("", []), ("sa-", SECAGG)):
+                name = f"{prefix}flower-{tag}"
+                t0 = time.perf_counter()
+                status = fed.submit(config.load(None, sets + more + flower + [f"name={name}"]).model_dump(mode="json"),
+                                    root / name, echo=lambda line: None)
+                walls[name] = time.perf_counter() - t0
+                assert status["status"].startswith("finished:completed"), (name, status)
+                runs[name] = root / name
+    floor = _mean(echo["tiny"]["round_s"])
+    settings = [("embedded", "embedded engine, fedfm job", "embedded"),
+                ("flower-worker", "flower engine, owners' workers (after)", "embedded"),
+                ("flower-no-worker", "flower engine, App loaded per message (before)", "embedded"),
+                ("sa-embedded", "embedded engine, secure aggregation + distributed DP", "sa-embedded"),
+                ("sa-flower-worker", "flower engine, secure aggregation + distributed DP, owners' workers (after)",
+                 "sa-embedded"),
+                ("sa-flower-no-worker", "flower engine, secure aggregation + distributed DP, App loaded per message "
+                 "(before)", "sa-embedded")]
+    rows = []
+    for key, label, ref in settings:
+        if key not in runs:
+            continue
+        m = _rounds(runs[key])
+        row = {"setting": label, "round_s": _mean(x["round_time_s"] for x in m),
+               "bytes_per_round": _mean(x["bytes_up"] + x["bytes_down"] for x in m), "wall_s": walls.get(key)}
+        if key != ref:
+            row["equal_to_embedded"] = _same(runs[ref], runs[key])
+            row.update(_node_seconds(runs[key]))
+            ref_s = _mean(x["round_time_s"] for x in _rounds(runs[ref]))
+            row["target_s"] = 1.1 * (ref_s + floor)  # the embedded round plus Flower's floor, plus 10%
+        if key.startswith("sa-"):
+            row["epsilon"] = m[-1].get("epsilon")
+        # sequential message exchanges per round: training, plus secure aggregation's 4 protocol steps
+        row["exchanges"] = 5 if key.startswith("sa-") else 1
+        if "target_s" in row:
+            row["target_exchanges_s"] = 1.1 * (ref_s + row["exchanges"] * floor)
+        rows.append(row)
+    rows.append({"setting": "Flower-only echo app, 4-byte array", "round_s": floor,
+                 "bytes_per_round": 2 * 4 * echo["tiny"]["nodes"]})
+    if "adapter" in echo:
+        rows.append({"setting": f"Flower-only echo app, {trainable:,}-float array (the adapter's size)",
+                     "round_s": _mean(echo["adapter"]["round_s"]),
+                     "bytes_per_round": 2 * 4 * trainable * echo["adapter"]["nodes"]})
     shutil.rmtree(root, ignore_errors=True)
-    floor = rows[2]["round_s"]
-    lines = ["| setting | s / round | x embedded | minus Flower floor, s | payload bytes / round |", "|---|---|---|---|---|"]
+    return rows, _table(rows, rounds, len(owners), model, floor)
+
+
+def _table(rows: list[dict], rounds: int, owners: int, model: str, floor: float) -> str:
+    ref = {r["setting"]: r["round_s"] for r in rows}
+    lines = ["| setting | s / round | x embedded | target: embedded + floor + 10% | embedded + floor per exchange "
+             "+ 10% | App loading per message, s | equal to embedded | payload bytes / round |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ref = rows[4]["round_s"] if "secure" in r["setting"] else rows[0]["round_s"]  # same job on embedded
-        lines.append(f"| {r['setting']} | {r['round_s']:.2f} | {r['round_s'] / ref:.1f}x | "
-                     f"{r['round_s'] - floor:+.2f} | {r['bytes_per_round']:,.0f} |")
-    ns = nodes["node_seconds"]
-    setup = mean([x["node_setup_s"] for x in ns if x["node_setup_s"] is not None])
-    train = mean([x["node_train_s"] for x in ns if x["node_train_s"] is not None])
-    rows[1].update(node_setup_s=setup, node_train_s=train)
-    lines += ["", f"Inside the Flower engine's round, each training message's ClientApp spent {setup:.2f} s loading the "
-              f"owner's App (imports are before that, in the process start) and {train:.2f} s training (means over "
-              f"{len(ns)} messages)."]
-    lines += ["", f"{rounds} rounds each, {len(owners)} owners (SuperNodes) and the SuperLink on this machine's loopback, TLS and "
-              "node authentication on. fedfm's bytes are the serialized update/broadcast messages (the same count "
-              f"on every engine); the Flower records' array payload over the whole run was {nodes['wire_bytes']}. "
-              f"Flower and embedded final adapters bitwise equal: {same}"
-              + ("." if quick else f"; with secure aggregation and distributed DP (epsilon {rows[-1]['epsilon']:.2f} "
-                 f"after {rounds} rounds): {sa_same}.")]
-    rows[1]["equal_to_embedded"] = same
-    return rows, "\n".join(lines)
+        base = ref["embedded engine, secure aggregation + distributed DP" if "secure" in r["setting"] else
+                   "embedded engine, fedfm job"] if "echo" not in r["setting"] else ref["embedded engine, fedfm job"]
+        target = f"{r['target_s']:.2f} ({'met' if r['round_s'] <= r['target_s'] else 'missed'})" if "target_s" in r else ""
+        per_exchange = (f"{r['target_exchanges_s']:.2f} ({r['exchanges']} exchanges: "
+                        f"{'met' if r['round_s'] <= r['target_exchanges_s'] else 'missed'})"
+                        if "target_exchanges_s" in r else "")
+        setup = f"{r['node_setup_s']:.2f} (first {r['first_setup_s']:.2f})" if r.get("node_setup_s") is not None else ""
+        same = {True: "bitwise", False: "no"}.get(r.get("equal_to_embedded"), "")
+        lines.append(f"| {r['setting']} | {r['round_s']:.2f} | {r['round_s'] / base:.1f}x | {target} | {per_exchange} | "
+                     f"{setup} | {same} | {r['bytes_per_round']:,.0f} |")
+    job = ("SmolLM2-135M-Instruct + LoRA r=8 (q_proj, v_proj), causal LM on Shakespeare (600 speeches), batch 4"
+           if model == "smollm2" else "MiniLM + LoRA r=8 on BBC (600 articles), batch 16")
+    lines += ["", f"Job: {job}; 3 owners (Dirichlet alpha=1), 5 local steps per round; {rounds} rounds each, the "
+              f"SuperLink and {owners} SuperNodes on this machine's loopback, TLS and node authentication on, 1 torch "
+              f"thread per node. Flower's floor (the echo app's round) is {floor:.2f} s. 'App loading per message' is "
+              "what a training message waited for the owner's App on the node (mean; the first message of the run in "
+              "brackets): with workers the App is loaded once per run, while the server gathers the owners, so the "
+              "first training message finds it ready or nearly so. Under secure aggregation a round is 5 sequential "
+              "exchanges (4 protocol steps and training), each paying Flower's floor."]
+    return "\n".join(lines)
 
 
 def _latest(run_dir: Path) -> Path:

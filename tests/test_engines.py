@@ -209,7 +209,8 @@ def test_flower_engine_config_refuses_simulation_only_features(tmp_path):
 
     for key, value, why in [("federation.dropout", "0.2", "real nodes vanish"),
                             ("attack.kind", "sign_flip", "simulated"),
-                            ("train.logit_adjustment", "true", "label counts")]:
+                            ("train.logit_adjustment", "true", "label counts"),
+                            ("server_data.fraction", "0.1", "the coordinator holds no owner data")]:
         with pytest.raises(ConfigError, match=why):
             tiny(tmp_path, "engine.name=flower", f"{key}={value}")
     from fedfm.engines.flower_engine import FlowerEngine
@@ -262,14 +263,15 @@ def test_an_owners_private_state_folder_is_for_its_account_only(tmp_path):
 
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedfm.apps.flower import _use_state
+    from fedfm.apps.owner_node import Node, use_state
 
     key = "ab" * 16
     app = SimpleNamespace(client_states=None)
-    message = SimpleNamespace(content=RecordDict({"fedfm": ConfigRecord({"state-key": key})}))
+    content = RecordDict({"fedfm": ConfigRecord({"state-key": key})})
     old_umask = os.umask(0o022)  # the usual default, under which folders were created 0755
     try:
-        _use_state(app, SimpleNamespace(node_config={"state-dir": str(tmp_path / "state")}), message)
+        use_state(app, Node.from_node_config({"data-dir": str(tmp_path), "state-dir": str(tmp_path / "state")}),
+                  content["fedfm"])
     finally:
         os.umask(old_umask)
     assert app.client_states.dir == tmp_path / "state" / key

@@ -109,11 +109,19 @@ def test_flower_run_equals_embedded_and_refuses_unknown_nodes(federation, tmp_pa
     assert len(errors) == 1 and "does not exist" in errors[0] and str(fed.lost) in errors[0]
     summary = json.loads((run / "summary.json").read_text())
     assert all(c["own"] is not None for c in summary["per_client"])  # final evaluation ran at the owners
+    # the coordinator held no owner data and no test set: the owners evaluated, the mean weighted by their test sizes
+    coord = json.loads((run / "nodes.json").read_text())["coordinator"]
+    assert coord == {"test_file": None, "examples": 0, "evaluation": "owners"}
+    assert all(m["eval_owners"] == 3 for m in metrics(run))
+    own = [(c["n_test"], c["own"]["accuracy"]) for c in summary["per_client"]]
+    assert summary["global"]["accuracy"] == pytest.approx(sum(n * a for n, a in own) / sum(n for n, _ in own))
 
 
 def test_flower_node_killed_mid_round_and_superlink_restarted(federation, tmp_path):
     fed = federation
-    cfg = tiny(tmp_path, *FLOWER, "federation.min_clients=2")
+    # the coordinator's own test file (one owner's test split, copied to the coordinator's machine)
+    shutil.copyfile(fed.owners[0] / "test.jsonl", tmp_path / "server-test.jsonl")
+    cfg = tiny(tmp_path, *FLOWER, "federation.min_clients=2", f"engine.server_test={tmp_path / 'server-test.jsonl'}")
     run = tmp_path / "run"
     outcome: dict = {}
 
@@ -147,3 +155,6 @@ def test_flower_node_killed_mid_round_and_superlink_restarted(federation, tmp_pa
     assert m[0] == first  # round 1 was kept, not redone
     assert m[1]["dropped"] == ["client_2"] and len(m[1]["clients"]) == 2
     assert json.loads((run / "status.json").read_text())["status"] == "complete"
+    coord = json.loads((run / "nodes.json").read_text())["coordinator"]
+    n_test = sum(1 for _ in open(tmp_path / "server-test.jsonl"))
+    assert coord["evaluation"] == "coordinator test file" and coord["examples"] == n_test and "eval_owners" not in m[1]

@@ -158,6 +158,63 @@ def test_answer_checks():
     assert not is_correct("Hydrogen", ("H",), "symbol") and is_correct("H", ("H",), "symbol")
 
 
+# ---------------------------------------------------------------- a user's own question file
+
+
+def test_question_file_reads_valid_lines_and_skips_blank_ones(tmp_path):
+    from fedfm.rag.questions import read_questions
+
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"question": "Who discovered hydrogen?", "relevant": ["hydrogen"], "answers": ["Cavendish"]}\n'
+                 "\n   \n"
+                 '{"question": " Curie? ", "relevant": "polonium"}\n'
+                 '{"question": "Curie", "relevant": ["polonium", "radium", "polonium"], "answers": []}\n')
+    qs = read_questions(f, {"hydrogen", "polonium", "radium"})
+    assert [q.id for q in qs] == ["q.jsonl:1", "q.jsonl:4", "q.jsonl:5"]  # lines 2-3 are blank
+    assert qs[0].doc_ids == ("hydrogen",) and qs[0].answers == ("Cavendish",)
+    assert qs[1].text == "Curie?" and qs[1].doc_ids == ("polonium",) and qs[1].answers == ()  # one id as a string
+    assert qs[2].doc_ids == ("polonium", "radium")  # a repeated id counts once
+    # free-text answers are matched lower-cased, without punctuation, anywhere in the answer
+    assert is_correct("It was Henry CAVENDISH.", qs[0].answers, qs[0].kind)
+    assert not is_correct("Lavoisier", qs[0].answers, qs[0].kind)
+
+
+def test_question_file_errors_name_every_bad_line(tmp_path):
+    from fedfm.rag.questions import read_questions
+
+    f = tmp_path / "q.jsonl"
+    f.write_text("\n".join([
+        '{"question": "fine", "relevant": ["a"]}',                      # 1: good
+        '{"question": "x", "relevant": []}',                            # 2: empty relevant
+        "[1, 2]",                                                       # 3: not an object
+        '{"question": "x", "relevant": ["a"',                           # 4: not JSON
+        "",                                                             # 5: blank, skipped
+        '{"question": "", "relevant": ["a"], "answer": ["typo"]}',      # 6: empty question, unknown key
+        '{"question": "x", "relevant": ["a", "zz", "yy"]}',             # 7: two unknown documents
+        '{"question": "x", "relevant": [3], "answers": "Paris"}',       # 8: number id, answers not a list
+        '{"relevant": ["a"], "answers": ["ok", 2]}',                    # 9: no question, non-string answer
+    ]) + "\n")
+    with pytest.raises(DataError) as err:
+        read_questions(f, {"a", "b"})
+    msg = str(err.value)
+    assert msg.startswith(f"{f} line 2: ") and msg.count("line ") == 7  # lines 2, 3, 4, 6, 7, 8, 9; not 1 or 5
+    for part in ['line 2: "relevant" must be a non-empty list of document ids;',
+                 "line 3: expected a JSON object, got list;",
+                 "line 4: not JSON (",
+                 ('line 6: unknown key "answer" (keys: question, relevant, answers), '
+                  '"question" must be a non-empty string;'),
+                 'line 7: document ids not in the collection: "zz", "yy";',
+                 ('line 8: "relevant" must be a non-empty list of document ids (ids are strings: write "3", not 3), '
+                  '"answers" must be a list of non-empty strings'),
+                 'line 9: "question" must be a non-empty string, "answers" must be a list of non-empty strings']:
+        assert part in msg, (part, msg)
+    with pytest.raises(DataError, match="questions file not found"):
+        read_questions(tmp_path / "missing.jsonl", {"a"})
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="has no questions"):
+        read_questions(tmp_path / "blank.jsonl", {"a"})
+
+
 # ---------------------------------------------------------------- stores and owners on real data
 
 
@@ -418,6 +475,99 @@ def test_incremental_index_embeds_only_changes_and_rebuilds_for_a_new_encoder(tm
     assert OwnerStore.open(tmp_path / "o").chunks == after.chunks
 
 
+# ---------------------------------------------------------------- evaluation on a user's own questions
+
+KITCHEN_AND_GEOLOGY = [  # two owners, two documents each, on four distinct topics
+    {"id": "bread", "owner": "kitchen", "title": "Sourdough bread",
+     "text": "Mix flour, water, salt and a starter, let the dough rise overnight, then bake it for forty minutes."},
+    {"id": "soup", "owner": "kitchen", "title": "Tomato soup",
+     "text": "Simmer tomatoes, onions and garlic in stock for twenty minutes, blend until smooth, season with basil."},
+    {"id": "volcano", "owner": "geology", "title": "Volcanoes",
+     "text": "A volcano erupts when molten rock rises from the mantle; the lava that flows out cools into basalt."},
+    {"id": "glacier", "owner": "geology", "title": "Glaciers",
+     "text": "A glacier is a slow river of ice that carves U-shaped valleys and leaves moraines behind as it melts."},
+]
+OWN_QUESTIONS = [
+    {"question": "How long should sourdough dough rise?", "relevant": ["bread"], "answers": ["overnight"]},
+    {"question": "What flows out of an erupting volcano?", "relevant": "volcano", "answers": ["Lava"]},
+    {"question": "What shape of valley does a glacier carve?", "relevant": ["glacier"]},
+    {"question": "What can I cook in my kitchen?", "relevant": ["bread", "soup"]},
+    {"question": "Which spice goes into tomato soup?", "relevant": ["soup"], "answers": ["paprika"]},
+]
+
+
+class _FirstPassage:
+    """A stand-in generator that answers with the top passage's text (closed-book: nothing), so that answer
+    accuracy is known by hand from the documents; the real generator is tested end to end below."""
+
+    def answer(self, question, passages):
+        from fedfm.rag.generate import Generated
+
+        return Generated(passages[0].text if passages else "", 1.0, 0)
+
+
+def test_eval_on_own_questions_by_hand(tmp_path, embedder):
+    from fedfm.rag.evaluate import evaluate
+    from fedfm.rag.federation import FederatedRAG, index
+
+    docs, qfile = tmp_path / "docs.jsonl", tmp_path / "own.jsonl"
+    docs.write_text("".join(json.dumps(d) + "\n" for d in KITCHEN_AND_GEOLOGY))
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in OWN_QUESTIONS))
+    cfg = _cfg(tmp_path, **{"collection.name": "jsonl", "collection.path": docs, "eval.questions": qfile,
+                            "eval.ks": "[1, 5]", "eval.modes": "[closed_book, centralized, passages]"})
+    index(cfg, cfg.run_dir, log=lambda *_: None)
+    fed = FederatedRAG(cfg, cfg.run_dir, embedder=embedder, generator=_FirstPassage())
+    try:
+        r = evaluate(cfg, cfg.run_dir, log=lambda *_: None, fed=fed)
+    finally:
+        fed.close()
+    assert r["questions"] == {"source": "file", "path": str(qfile), "count": 5, "with_answers": 3}
+    # each question names its topic, so its document ranks first; the kitchen question has two relevant
+    # documents and only one fits at rank 1: recall@1 = (1 + 1 + 1 + 1/2 + 1) / 5 = 0.9, MRR = 1.
+    # Recall@5 = 1: 4 documents of one short passage each, all retrieved.
+    for m in ("centralized", "federated_exact", "federated_rrf"):
+        assert r["retrieval"]["metrics"][m] == {"recall@1": 0.9, "recall@5": 1.0, "mrr": 1.0}, m
+    assert r["retrieval"]["questions"] == 5 and r["retrieval"]["exact_equals_centralized_rankings"] == 5
+    # answers: only the 3 questions with answers; the top passage holds "overnight" and "lava" but not "paprika"
+    # (2/3); closed-book the stand-in says nothing (0/3)
+    a = r["answers"]
+    assert {m: (a[m]["correct"], a[m]["questions"]) for m in a} == {
+        "closed_book": (0, 3), "centralized": (2, 3), "passages": (2, 3)}
+    md = (cfg.run_dir / "eval.md").read_text()
+    assert f"- questions: 5 from {qfile} (3 with answers)" in md
+    assert json.loads((cfg.run_dir / "eval.json").read_text())["questions"]["count"] == 5
+
+
+def test_cli_eval_with_a_question_file_and_bad_ones(tmp_path):
+    docs, qfile = tmp_path / "docs.jsonl", tmp_path / "own.jsonl"
+    docs.write_text("".join(json.dumps(d) + "\n" for d in KITCHEN_AND_GEOLOGY))
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in OWN_QUESTIONS))
+    cfg = tmp_path / "rag.yaml"
+    cfg.write_text(f"name: own\noutput_dir: {tmp_path}\ncollection: {{name: jsonl, path: {docs}}}\n"
+                   "eval: {modes: [], ks: [1]}\n")  # retrieval only: no generator
+    runner = CliRunner()
+    r = runner.invoke(app, ["rag", "index", str(cfg)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["rag", "eval", str(cfg), "--questions", str(qfile), "--set", "eval.max_questions=2"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "own" / "eval.json").read_text())
+    assert res["questions"] == {"source": "file", "path": str(qfile), "count": 5, "with_answers": 3}
+    # 2 of 5 evenly spaced: questions 1 and 3 (int(i * 5 / 2) for i = 0, 1), one relevant document each, found first
+    assert res["retrieval"]["questions"] == 2 and res["retrieval"]["metrics"]["federated_exact"]["recall@1"] == 1.0
+    r = runner.invoke(app, ["rag", "eval", str(cfg)])  # without the file: each document's title is its question
+    assert r.exit_code == 0, r.output
+    assert "- questions: 4 generated from the collection (0 with answers)" in r.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x", "relevant": ["bread"]}\nnot json\n{"question": "y", "relevant": ["cake"]}\n')
+    r = runner.invoke(app, ["rag", "eval", str(cfg), "--questions", str(bad)])
+    assert r.exit_code == 2, r.output
+    assert "line 2: not JSON" in r.output and 'line 3: document id not in the collection: "cake"' in r.output
+    status = json.loads((tmp_path / "own" / "status.json").read_text())
+    assert status["status"] == "indexed" and "line 2" in status["last_eval_failed"]
+    r = runner.invoke(app, ["rag", "eval", str(cfg), "--questions", str(tmp_path / "nope.jsonl")])
+    assert r.exit_code == 2 and "questions file not found" in r.output
+
+
 # ---------------------------------------------------------------- CLI end to end with the generator
 
 
@@ -489,3 +639,29 @@ def test_an_owner_with_a_damaged_store_is_named_in_every_answer(tmp_path, embedd
         fed.close()
     assert "store unavailable" in out.missing["period-2"] and len(out.responses) == 6
     assert "carbon" not in doc_ranking(hits)
+
+
+def test_rag_over_flower_refuses_bad_input_before_touching_the_network(tmp_path):
+    # the coordinator holds no documents: evaluation needs the user's questions; the engine and its address are checked
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app as cli_app
+    from fedfm.rag.remote import export_rag_owners
+
+    cfg = tmp_path / "rag.yaml"
+    cfg.write_text(f"name: t\noutput_dir: {tmp_path}\ncollection: {{name: elements, max_documents: 12}}\n")
+    net = ["--federation", "127.0.0.1:9", "--root-certificates", str(tmp_path / "ca.crt")]
+    for args, why in ((["eval", str(cfg), "--engine", "flower", *net], "give your own with --questions"),
+                      (["index", str(cfg), "--engine", "flower"], "needs --federation"),
+                      (["index", str(cfg), "--engine", "ray"], "unknown engine 'ray'")):
+        res = CliRunner().invoke(cli_app, ["rag", *args])
+        assert res.exit_code == 2 and why in res.output, (args, res.output)
+    # one owner directory per owner of the collection, each with the config's policy for the owner to edit
+    dirs = export_rag_owners(rag_config.load(cfg), tmp_path / "owners")
+    assert [d.name for d in dirs] == sorted(d.name for d in dirs) and len(dirs) >= 2
+    meta = json.loads((dirs[0] / "owner.json").read_text())
+    assert meta["task"] == "rag" and meta["num_clients"] == len(dirs)
+    assert json.loads((dirs[0] / "policy.json").read_text())["owner_modes"] == ["passages", "owner_answers", "guarded"]
+    assert sum(len((d / "docs.jsonl").read_text().splitlines()) for d in dirs) == 12
+    with pytest.raises(DataError, match="not empty"):
+        export_rag_owners(rag_config.load(cfg), tmp_path / "owners")

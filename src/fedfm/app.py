@@ -24,7 +24,7 @@ from fedfm.errors import ConfigError
 from fedfm.features.base import ClientRound, Feature
 from fedfm.lora import lora_pairs
 from fedfm.models import count_params, get_weights, set_weights
-from fedfm.owner import load_owner
+from fedfm.owner import load_coordinator, load_owner
 from fedfm.placement import placement
 from fedfm.registry import build_features
 from fedfm.store import ClientStates
@@ -50,9 +50,11 @@ class Shard:
 class App:
     """Everything a run needs, built once from a ``RunConfig`` (data checked before any training)."""
 
-    def __init__(self, cfg: RunConfig, owner: Path | None = None):
+    def __init__(self, cfg: RunConfig, owner: Path | None = None, coordinator: dict | None = None):
         """``owner``: build the App of one data owner from its private directory (``fedfm.owner``), as a Flower
-        ClientApp does; its own shard sits at its federation index and every other client's is empty."""
+        ClientApp does; its own shard sits at its federation index and every other client's is empty.
+        ``coordinator``: build the Flower coordinator's App, which holds no owner data (``names`` and
+        ``label_names`` as the owners' nodes reported them, ``test_file`` its own test set or None)."""
         self.features: list[Feature] = []
         self.cfg = cfg
         if cfg.engine.threads:
@@ -60,7 +62,14 @@ class App:
         # device and precision first: a device this machine does not have stops the run before any data loads
         self.placement = placement(cfg.train.device, cfg.model.dtype, cfg.train.mixed_precision)
         self.owner: dict | None = None
-        if owner is None:
+        self.evaluate_at_owners = None  # set by an engine when the global test set is the owners' (Flower, no file)
+        if owner is None and coordinator is not None:
+            if cfg.task == "causal_lm" and cfg.model.source == "scratch" and cfg.model.tokenizer == "bpe":
+                raise ConfigError("a coordinator without data cannot train the BPE tokenizer: use a packaged "
+                                  "tokenizer (model.tokenizer)")
+            self.dataset, self.split = load_coordinator(cfg, coordinator["names"], coordinator["label_names"],
+                                                        coordinator.get("test_file"))
+        elif owner is None:
             self.dataset: TextDataset = load_dataset(cfg.data, cfg.seed, cfg.task)
             self.split: FederatedSplit = split(
                 self.dataset, cfg.data, cfg.federation.num_clients, cfg.seed, cfg.server_data.fraction
@@ -191,9 +200,12 @@ class App:
 
     # --- functions executed at the server -----------------------------------------------------
     def server_evaluate(self, weights: Weights, full: bool = False) -> dict[str, float]:
-        set_weights(self.model, weights)
-        data = self.global_test if full else self.eval_subset
-        out = self.task.evaluate(self.model, data, self.cfg.eval.batch_size)
+        if not len(self.global_test) and self.evaluate_at_owners is not None:  # a coordinator with no test set
+            out = self.evaluate_at_owners(weights)
+        else:
+            set_weights(self.model, weights)
+            data = self.global_test if full else self.eval_subset
+            out = self.task.evaluate(self.model, data, self.cfg.eval.batch_size)
         for f in self.features:
             f.evaluated(weights, out)
         return out

@@ -266,8 +266,41 @@ def data_fetch(
         out.print(f"{name}: {fetch_smollm2(force=force)}")
 
 
-def _rag_setup(config: Path, overrides: list[str] | None, out_dir: Path | None):
+RagEngineOpt = typer.Option("embedded", "--engine", help="embedded (owners' stores in the run directory) | flower "
+                            "(each owner's store on its own node).")
+FederationOpt = typer.Option(None, help="flower: the SuperLink address HOST:PORT.")
+CAOpt = typer.Option(None, "--root-certificates", help="flower: the federation's CA certificate (ca.crt).")
+
+
+def _rag_flower(op: str, cfg, root: Path, federation: str | None, root_certificates: Path | None, **extra) -> list[str]:
+    """Run one RAG operation as a Flower job (``fedfm.rag.remote``); the lines of its log."""
+    import tempfile
+
+    from fedfm import deploy
+    from fedfm.rag.remote import rag_job
+
+    if not federation or root_certificates is None:
+        raise FedFMError("--engine flower needs --federation HOST:PORT and --root-certificates CA_FILE")
+    job, lines = rag_job(op, cfg, **extra), []
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if not line.startswith("fedfm-answer: "):
+            err.print(line, markup=False, highlight=False)
+
+    with tempfile.TemporaryDirectory(prefix="fedfm-flwr-") as home:
+        deploy.flwr_home(Path(home), federation, root_certificates)
+        result = deploy.submit({}, root, Path(home), echo=echo, rag=job)
+    if not str(result["status"]).startswith("finished:completed"):
+        raise FedFMError(f"flower run {result['run_id']} ended {result['status']} {result['details']}".strip())
+    return lines
+
+
+def _rag_setup(config: Path, overrides: list[str] | None, out_dir: Path | None, engine: str = "embedded"):
     from fedfm.rag import config as rag_config
+
+    if engine not in ("embedded", "flower"):
+        raise FedFMError(f"unknown engine '{engine}'; choose embedded or flower")
 
     cfg = rag_config.load(config, overrides or [])
     if cfg.threads:
@@ -292,6 +325,22 @@ def _rag_indexed(root: Path, config: Path) -> None:
         raise FedFMError(f"the last `fedfm rag index` of {root} did not finish{why}: run `fedfm rag index {config}` again")
 
 
+@rag_app.command("split")
+@_user_errors
+def rag_split(
+    config: Path = typer.Argument(..., help="RAG YAML config whose collection to split by owner."),
+    overrides: Optional[list[str]] = SetOpt,
+    out_dir: Path = typer.Option(..., "--out", help="New directory: one owner directory per owner of the collection."),
+):
+    """Write each owner's documents as an owner directory (docs.jsonl, owner.json, policy.json) for its node."""
+    from fedfm.rag import config as rag_config
+    from fedfm.rag.remote import export_rag_owners
+
+    dirs = export_rag_owners(rag_config.load(config, overrides or []), out_dir)
+    out.print(f"{len(dirs)} owner directories in {out_dir}: {', '.join(d.name for d in dirs)} "
+              "(each owner may edit its policy.json: the modes it answers, its guarded-release limits and budget)")
+
+
 @rag_app.command("index")
 @_user_errors
 def rag_index(
@@ -299,12 +348,19 @@ def rag_index(
     overrides: Optional[list[str]] = SetOpt,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default <output_dir>/<name>)."),
     central: bool = typer.Option(False, help="Also build the centralized baseline index (eval builds it anyway)."),
+    engine: str = RagEngineOpt,
+    federation: Optional[str] = FederationOpt,
+    root_certificates: Optional[Path] = CAOpt,
 ):
     """Build or update each owner's store in its own directory (incremental: only changed documents are embedded)."""
     from fedfm.rag import config as rag_config
     from fedfm.rag.federation import index
 
-    cfg, root = _rag_setup(config, overrides, out_dir)
+    cfg, root = _rag_setup(config, overrides, out_dir, engine)
+    if engine == "flower":  # each owner indexes the documents on its own node, into its node's state directory
+        _rag_flower("index", cfg, root, federation, root_certificates)
+        out.print(f"indexed on the owners' nodes; report: {root / 'index.json'} (on the SuperLink's machine)")
+        return
     root.mkdir(parents=True, exist_ok=True)
     rag_config.save(cfg, root / "config.yaml")
     from fedfm.rundir import atomic_write_text
@@ -322,6 +378,27 @@ def rag_index(
               f"for {len([k for k in report if not k.startswith('(')])} owners in {root / 'owners'}")
 
 
+def _ask(cfg, root: Path, config: Path, question: str, mode, requester, engine, federation, root_certificates):
+    from fedfm.rag.federation import Answer, FederatedRAG
+
+    if engine == "flower":
+        lines = _rag_flower("ask", cfg, root, federation, root_certificates, question=question, mode=mode,
+                            requester=requester)
+        found = [json.loads(line.split("fedfm-answer: ", 1)[1]) for line in lines if "fedfm-answer: " in line]
+        if not found:
+            raise FedFMError("the Flower run finished without an answer in its log")
+        d = found[-1]
+        return Answer(d["question"], d["mode"], d["answer"], [(c["owner"], c["document"]) for c in d["citations"]],
+                      d["owners_used"], d["owners_missing"], d["owners_answered"], confidence=d["confidence"],
+                      seconds=d["seconds"], bytes_sent=d["bytes_sent"], bytes_received=d["bytes_received"])
+    _rag_indexed(root, config)
+    fed = FederatedRAG(cfg, root)
+    try:
+        return fed.ask(question, mode=mode, requester=requester)
+    finally:
+        fed.close()
+
+
 @rag_app.command("ask")
 @_user_errors
 def rag_ask(
@@ -330,24 +407,22 @@ def rag_ask(
     overrides: Optional[list[str]] = SetOpt,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default <output_dir>/<name>)."),
     mode: Optional[str] = typer.Option(None, help="passages | owner_answers | guarded (default: the config's)."),
-    requester: Optional[str] = typer.Option(None, help="Who asks (budgets and audit logs are per requester)."),
+    requester: Optional[str] = typer.Option(None, help="Who asks (budgets and audit logs are per requester; over "
+                                            "Flower the owners' nodes use the authenticated SuperLink instead)."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer as JSON."),
+    engine: str = RagEngineOpt,
+    federation: Optional[str] = FederationOpt,
+    root_certificates: Optional[Path] = CAOpt,
 ):
     """Answer a question from every owner's documents, with citations (owner, document)."""
-    from fedfm.rag.federation import FederatedRAG
     from fedfm.rag.owner import MODES
 
-    cfg, root = _rag_setup(config, overrides, out_dir)
-    _rag_indexed(root, config)
+    cfg, root = _rag_setup(config, overrides, out_dir, engine)
     if mode is not None and mode not in MODES:
         raise FedFMError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
     if not question.strip():
         raise FedFMError("the question is empty")
-    fed = FederatedRAG(cfg, root)
-    try:
-        ans = fed.ask(question, mode=mode, requester=requester)
-    finally:
-        fed.close()
+    ans = _ask(cfg, root, config, question, mode, requester, engine, federation, root_certificates)
     if as_json:
         out.print_json(json.dumps(ans.to_dict()))
         return
@@ -368,11 +443,23 @@ def rag_eval(
     config: Path = typer.Argument(..., help="RAG YAML config."),
     overrides: Optional[list[str]] = SetOpt,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default <output_dir>/<name>)."),
+    questions: Optional[Path] = typer.Option(
+        None, "--questions", help='Your own questions (sets eval.questions): JSONL of {"question", "relevant": '
+        '[doc id, ...], "answers": [...] (optional)}.'),
+    engine: str = RagEngineOpt,
+    federation: Optional[str] = FederationOpt,
+    root_certificates: Optional[Path] = CAOpt,
 ):
     """Retrieval recall/MRR (federated exact, RRF, centralized) and answer accuracy, latency and bytes per mode."""
     from fedfm.rag.evaluate import evaluate, to_markdown
 
-    cfg, root = _rag_setup(config, overrides, out_dir)
+    if questions is not None:  # a JSON string is a YAML string: any path survives the override parser
+        overrides = [*(overrides or []), f"eval.questions={json.dumps(str(questions), ensure_ascii=False)}"]
+    cfg, root = _rag_setup(config, overrides, out_dir, engine)
+    if engine == "flower":  # the questions travel with the job; the owners answer from their own nodes
+        _rag_flower("eval", cfg, root, federation, root_certificates)
+        out.print(f"results: {root / 'eval.md'} (on the SuperLink's machine)")
+        return
     if not (root / "owners").is_dir():
         raise FedFMError(f"no owner stores in {root / 'owners'}: run `fedfm rag index {config}` first")
     _rag_indexed(root, config)
@@ -466,14 +553,30 @@ def deploy_supernode(
     port: int = typer.Option(9094, help="Local port of the node's runtime API (loopback; one per node)."),
     state: Optional[Path] = typer.Option(None, help="Node state: Flower apps, client state (default DATA/.fedfm-state)."),
     threads: Optional[int] = typer.Option(None, help="torch threads of the node's training."),
+    worker: bool = typer.Option(True, help="Keep the owner's model warm in a long-lived worker (--no-worker: "
+                                "each message's ClientApp loads it again)."),
 ):
-    """Start a Flower SuperNode for one owner; its ClientApp trains on DATA, which never leaves this machine."""
+    """Start a Flower SuperNode for one owner, and the owner's worker, which holds the model and trains on DATA;
+    DATA never leaves this machine. Stop both by this command's PID."""
     from fedfm.deploy import flower_env, supernode_command
 
     state = state or data / ".fedfm-state"
-    cmd = supernode_command(data, superlink, root_certificates, key, port, state)
+    cmd = supernode_command(data, superlink, root_certificates, key, port, state, worker=worker)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state / "flwr").mkdir(parents=True, exist_ok=True)
-    _exec(cmd, flower_env(FLWR_HOME=str(state / "flwr"), **({"FEDFM_THREADS": str(threads)} if threads else {})))
+    env = flower_env(FLWR_HOME=str(state / "flwr"), **({"FEDFM_THREADS": str(threads)} if threads else {}))
+    if not worker:
+        _exec(cmd, env)
+    import shutil
+
+    from fedfm.apps.worker import Supervisor
+
+    if shutil.which(cmd[0]) is None:
+        raise FedFMError(f"{cmd[0]} not found: install fedfm (it brings flwr) in this environment")
+
+    out.print(" ".join(cmd), highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    raise typer.Exit(Supervisor(cmd, env, data, state).run())
 
 
 @deploy_app.command("split")

@@ -123,8 +123,9 @@ def superlink_command(certs: Path, database: Path, host: str = "127.0.0.1", port
 
 
 def supernode_command(data: Path, superlink: str, root_certificates: Path, key: Path, port: int,
-                      state: Path | None = None) -> list[str]:
-    """``flower-supernode`` for one owner: its private data directory in the node config, its own key.
+                      state: Path | None = None, worker: bool = False) -> list[str]:
+    """``flower-supernode`` for one owner: its private data directory in the node config, its own key, and (with
+    ``worker``) the folder of the owner's worker, to which its ClientApps forward every message.
 
     The owner directory is read first, so a missing or malformed one is reported before the node starts (one
     that disappears later is reported by the node's ClientApp to the server instead)."""
@@ -135,10 +136,16 @@ def supernode_command(data: Path, superlink: str, root_certificates: Path, key: 
         if not Path(path).is_file():
             raise FedFMError(f"{what} {path} does not exist")
     paths = {"data-dir": Path(data).resolve(), **({"state-dir": Path(state).resolve()} if state else {})}
+    if worker:
+        from fedfm.apps.worker import worker_dir
+
+        paths["worker-dir"] = worker_dir(Path(state or Path(data) / ".fedfm-state").resolve())
     for path in paths.values():  # Flower parses the node config as TOML: literal strings take any other character
         if "'" in str(path) or "\n" in str(path):
             raise FedFMError(f"{path}: a path with a quote (') or a newline cannot be passed to the SuperNode")
-    config = " ".join(f"{k}='{v}'" for k, v in paths.items())
+    if "'" in superlink or "\n" in superlink:
+        raise FedFMError(f"{superlink!r} is not a HOST:PORT address")
+    config = " ".join(f"{k}='{v}'" for k, v in {**paths, "superlink": superlink}.items())
     return ["flower-supernode", "--superlink", superlink, "--root-certificates", str(Path(root_certificates).resolve()),
             "--auth-supernode-private-key", str(Path(key).resolve()), "--node-config", config, "--port", str(port)]
 
@@ -165,6 +172,7 @@ clientapp = "fedfm_job:client_app"
 
 [tool.flwr.app.config]
 fedfm-config = ""
+fedfm-rag = ""
 run-dir = ""
 resume = false
 """
@@ -172,6 +180,7 @@ JOB = '"""fedfm\'s Flower apps: the round loop (ServerApp) and the client code (
       "from fedfm.apps import flower\n\n" \
       "server_app = flower.make_server_app()\n" \
       "client_app = flower.make_client_app()\n"
+JOB_RAG = JOB.replace("make_server_app()", "make_rag_server_app()")
 
 
 def flwr_home(home: Path, address: str, root_certificates: Path) -> Path:
@@ -277,17 +286,19 @@ def run_status(run_id: str, home: Path) -> dict:
     return {"run_id": run_id, "status": run.get("status"), "details": run.get("status-details", "")}
 
 
-def submit(config: dict, run_dir: Path, home: Path, resume: bool = False, echo=print) -> dict:
-    """Submit a fedfm run (``config``: the resolved RunConfig as JSON data) to ``home``'s SuperLink. The
-    ServerApp writes ``run_dir`` on the SuperLink's machine."""
+def submit(config: dict, run_dir: Path, home: Path, resume: bool = False, echo=print, rag: dict | None = None) -> dict:
+    """Submit a fedfm run (``config``: the resolved RunConfig as JSON data) to ``home``'s SuperLink, or with ``rag``
+    a federated-RAG job (``fedfm.rag.remote.rag_job``). The ServerApp writes ``run_dir`` on the SuperLink's
+    machine."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fedfm-job-") as tmp:
         app_dir = Path(tmp) / "app"
         app_dir.mkdir()
         (app_dir / "pyproject.toml").write_text(PYPROJECT)
-        (app_dir / "fedfm_job.py").write_text(JOB)
-        run_config = {"fedfm-config": json.dumps(config), "run-dir": str(Path(run_dir).resolve()), "resume": resume}
+        (app_dir / "fedfm_job.py").write_text(JOB_RAG if rag else JOB)
+        run_config = {"fedfm-config": json.dumps(config or {}), "fedfm-rag": json.dumps(rag or {}),
+                      "run-dir": str(Path(run_dir).resolve()), "resume": resume}
         return submit_app(app_dir, run_config, home, echo)
 
 
@@ -301,14 +312,15 @@ def free_port() -> int:
 
 
 class LocalFederation:
-    """A SuperLink and one SuperNode per owner directory, all on loopback with TLS and node authentication.
+    """A SuperLink and one SuperNode per owner directory (each with its owner worker, unless ``worker=False``), all
+    on loopback with TLS and node authentication.
 
     The processes are started through fedfm's own commands (``fedfm deploy superlink|register|supernode``),
     each in its own process group, and stopped here by PID with that group (a Flower program's helpers —
     SuperExec, ServerApp, ClientApp — are in it). Logs go to ``root/logs``."""
 
-    def __init__(self, root: Path, owners: list[Path], threads: int | None = 1):
-        self.root, self.owners, self.threads = Path(root), [Path(o) for o in owners], threads
+    def __init__(self, root: Path, owners: list[Path], threads: int | None = 1, worker: bool = True):
+        self.root, self.owners, self.threads, self.worker = Path(root), [Path(o) for o in owners], threads, worker
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -356,7 +368,7 @@ class LocalFederation:
         state = self.root / "state" / (name or f"node{i}")
         cmd = ["fedfm", "deploy", "supernode", "--data", str(self.owners[i]), "--superlink", self.address,
                "--root-certificates", str(self.ca), "--key", str(key or self.key(i)), "--port", str(free_port()),
-               "--state", str(state)]
+               "--state", str(state)] + ([] if self.worker else ["--no-worker"])
         env = {}
         if self.threads:
             cmd += ["--threads", str(self.threads)]

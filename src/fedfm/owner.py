@@ -137,6 +137,37 @@ def _rows(path: Path, task: str, label_names: list[str]) -> tuple[list[str], lis
     return texts, labels, passages
 
 
+def load_coordinator(cfg: RunConfig, names: list[str], label_names: list[str],
+                     test_file: Path | None = None) -> tuple[TextDataset, FederatedSplit]:
+    """The coordinator's data on Flower: none of the owners' examples. Its own test file (owner format) is its
+    global test set; without one the global test set is empty and the owners evaluate (``names``: the owners,
+    by federation index, as their nodes named themselves; ``label_names``: the label set they share)."""
+    import numpy as np
+
+    from fedfm.data import FederatedSplit, TextDataset
+
+    texts: list[str] = []
+    labels: list[int] = []
+    passages: list[str] = []
+    if test_file is not None:
+        texts, labels, passages = _rows(Path(test_file), cfg.task, label_names)
+        if not texts:
+            raise DataError(f"the coordinator's test file {test_file} has no examples")
+    task = cfg.task
+    ds = TextDataset(
+        texts=texts,
+        labels=np.asarray(labels if task == "classification" else [0] * len(texts), dtype=np.int64),
+        label_names=list(label_names) if task == "classification" else ["text"],
+        keys=None,
+        name="coordinator" + (f" test file {Path(test_file).name}" if test_file else " (no data)"),
+        passages=passages if task in PAIRS else None,
+    )
+    empty = np.empty(0, dtype=np.int64)
+    sp = FederatedSplit(global_test=np.arange(len(texts)), client_train=[empty] * len(names),
+                        client_test=[empty] * len(names), client_names=list(names))
+    return ds, sp
+
+
 def load_owner(data_dir: Path, cfg: RunConfig) -> tuple[TextDataset, FederatedSplit, dict]:
     """The owner's data as a one-owner dataset and split: its shard at its own index, every other client empty.
 

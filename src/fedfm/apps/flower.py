@@ -1,35 +1,28 @@
 """Flower's ServerApp and ClientApp for fedfm: the entry points a SuperLink and the owners' SuperNodes run.
 
 The ServerApp builds the run's App and runs fedfm's own round loop (``fedfm.server``) with the Flower engine
-(``fedfm.engines.flower_engine``), which only carries messages; the ClientApp, run by each owner's SuperNode,
-builds the owner's App from the private directory in its node config (``data-dir``) and answers with the same
-``App.client_train`` / ``client_evaluate`` / protocol steps as every engine. They live apart from the engine so
-that the engine never imports the round loop.
+(``fedfm.engines.flower_engine``), which only carries messages. The ClientApp, which Flower starts afresh for each
+message on the owner's SuperNode, forwards the message to the owner's long-lived worker (``fedfm.apps.worker``),
+which answers from the owner's App kept warm for the run (``fedfm.apps.owner_node``: the same ``client_train`` /
+``client_evaluate`` / protocol steps as every engine). They live apart from the engine so that the engine never
+imports the round loop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import time
 from pathlib import Path
 
-from fedfm.engines.flower_engine import (
-    FlowerEngine, from_record, task_from_content, update_content,
-)
+from fedfm.apps.owner_node import run_config
+from fedfm.engines.flower_engine import FlowerEngine
 from fedfm.errors import FedFMError
 
 log = logging.getLogger("fedfm")
 
 
 def _run_config(context) -> tuple[dict, dict]:
-    rc = context.run_config
-    if "fedfm-config" not in rc:
-        raise FedFMError("the Flower run has no 'fedfm-config': submit it with `fedfm run CONFIG --engine flower`")
-    config = json.loads(rc["fedfm-config"])
-    return config, rc
+    return run_config(context.run_config), context.run_config
 
 
 def make_server_app():
@@ -53,8 +46,13 @@ def make_server_app():
         run_dir = Path(str(rc["run-dir"]))
         if not rc.get("resume") and run_dir.exists() and any(run_dir.iterdir()):
             raise FedFMError(f"run directory {run_dir} already exists on the SuperLink's machine")
-        app = App(cfg)
-        engine = FlowerEngine(app, grid)
+        # the coordinator holds no owner data: the owners say who they are, then its App is built from their answers
+        # (names, label set) and its own test file, if it has one (engine.server_test)
+        engine = FlowerEngine(None, grid, cfg=cfg)
+        kept = run_dir / "flower.json"  # a resumed run: the owners' names as recorded (an owner may be down now)
+        known = json.loads(kept.read_text()).get("owners") if rc.get("resume") and kept.is_file() else None
+        app = App(cfg, coordinator=engine.coordinator(cfg.engine.server_test, known))
+        engine.attach(app)
         app._engine = engine  # a resumed run's state key is read back from the run directory by the engine
         try:
             if rc.get("resume"):
@@ -64,165 +62,75 @@ def make_server_app():
         finally:
             if run_dir.is_dir():
                 atomic_write_text(run_dir / "nodes.json", json.dumps(
-                    {"owners": engine.roster, "wire_bytes": engine.wire_bytes, "node_seconds": engine.node_seconds},
+                    {"owners": engine.roster, "wire_bytes": engine.wire_bytes, "node_seconds": engine.node_seconds,
+                     "coordinator": {"test_file": cfg.engine.server_test, "examples": len(app.dataset.texts),
+                                     "evaluation": "owners" if app.evaluate_at_owners else "coordinator test file"}},
                     indent=1))
             close_engine(app)
 
     return server_app
 
 
-_OWNER_APPS: dict[tuple, object] = {}
+def make_rag_server_app():
+    """The ServerApp of a federated-RAG job (``fedfm rag index|ask|eval --engine flower``)."""
+    from flwr.serverapp import ServerApp
 
+    server_app = ServerApp()
 
-def _data_dir(context) -> str:
-    data_dir = context.node_config.get("data-dir")
-    if not data_dir:
-        raise FedFMError("this SuperNode has no data-dir in its node config: start it with "
-                         "`fedfm deploy supernode --data DIR`")
-    return str(data_dir)
+    @server_app.main()
+    def main(grid, context) -> None:
+        from fedfm.rag.remote import serve_rag
 
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("fedfm").setLevel(logging.INFO)
+        serve_rag(grid, context.run_config)
 
-def _owner_app(context):
-    """The owner's App for this run (kept for the process's life; Flower starts one ClientApp process per
-    message, so each message pays for loading the model, which is memory-mapped from safetensors)."""
-    from fedfm.app import App
-    from fedfm.config import RunConfig
-    config, _ = _run_config(context)
-    data_dir = _data_dir(context)
-    key = (json.dumps(config, sort_keys=True), str(data_dir))
-    if key not in _OWNER_APPS:
-        t0 = time.perf_counter()
-        config["engine"] = {**config["engine"], "name": "embedded"}
-        threads = os.environ.get("FEDFM_THREADS")
-        if threads:
-            config["engine"]["threads"] = int(threads)
-        cfg = RunConfig.model_validate(config)
-        app = App(cfg, owner=Path(str(data_dir)))
-        app.uplink = True
-        app.setup_s = time.perf_counter() - t0  # what this message paid to load the owner's App
-        _OWNER_APPS[key] = app
-    return _OWNER_APPS[key]
-
-
-def _use_state(app, context, msg) -> None:
-    """Point the owner's private state across rounds (error feedback, SCAFFOLD's c_i, a secure-aggregation
-    round's secrets) at this run's folder on the owner's machine; the run's key is checked to be a plain name."""
-    from fedfm.store import ClientStates
-
-    key = str(msg.content.config_records["fedfm"]["state-key"])
-    if not re.fullmatch(r"[0-9a-f]{32}", key):
-        raise FedFMError("malformed run state key")
-    root = Path(str(context.node_config.get("state-dir") or Path(_data_dir(context)) / ".fedfm-state"))
-    if app.client_states is None or app.client_states.dir != root / key:
-        # the state holds the owner's DP noise secret: for the owner's account only (a state-dir the operator made
-        # keeps its own mode; the run's folder in it is always 0700)
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (root / key).mkdir(mode=0o700, exist_ok=True)
-        (root / key).chmod(0o700)
-        app.client_states = ClientStates(root / key)
-
-
-class _SecAggState:
-    """A secure-aggregation round spans several messages, and Flower runs each message in a fresh ClientApp
-    process: the owner's round state (its keys, the shares it holds) is kept between them in the owner's own
-    state directory (mode 0600), and deleted when the round's last step has used it."""
-
-    def __init__(self, app):
-        from fedfm.features.private import Private
-
-        self.private, self.path = app.feature(Private), app.client_states.dir / "secagg.pkl"
-
-    def __enter__(self):
-        import fcntl
-        import pickle
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = open(self.path.with_suffix(".lock"), "w")  # one protocol step at a time per owner
-        fcntl.flock(self.lock, fcntl.LOCK_EX)
-        # written only by this owner's own ClientApp, in its own state folder (mode 0600)
-        if self.private is not None:
-            self.private.sessions = pickle.loads(self.path.read_bytes()) if self.path.is_file() else {}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import pickle
-        import tempfile
-
-        try:
-            if self.private is None or not self.private.sessions:  # unmasked (the state is consumed) or never started
-                self.path.unlink(missing_ok=True)
-                return
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".secagg.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(pickle.dumps(self.private.sessions))
-            os.replace(tmp, self.path)
-        finally:
-            self.lock.close()
+    return server_app
 
 
 def make_client_app():
-    """The ClientApp: fedfm's client functions on the owner's data."""
-    from flwr.app import ConfigRecord, Message, RecordDict
+    """The ClientApp: forwards each message to the owner's worker (``fedfm.apps.worker``), or — on a SuperNode
+    started with ``--no-worker`` — answers it in this process, building the owner's App for this message."""
+    from flwr.app import Message
     from flwr.clientapp import ClientApp
 
-    client_app = ClientApp()
+    from fedfm.apps.owner_node import Node, OwnerApps, answer
 
-    def check_index(app, index: int) -> None:
-        if index != app.owner["index"]:
-            raise FedFMError(f"task for owner {index} reached the node of owner {app.owner['index']}")
+    client_app = ClientApp()
+    apps = OwnerApps()  # without a worker: lives as long as this process, which Flower ends after one message
+
+    def reply(kind: str, msg: Message, context) -> Message:
+        wdir = context.node_config.get("worker-dir")
+        # what this node knows of the sender: the SuperLink it is connected to (TLS, the federation's CA) and the run
+        origin = {"superlink": str(context.node_config.get("superlink", "")), "run": str(context.run_id)}
+        if wdir:
+            from fedfm.apps.worker import forward
+
+            timeout = float(msg.metadata.ttl or 600.0)  # past it the SuperLink has dropped the message anyway
+            content = forward(Path(str(wdir)), kind, msg.content, context.run_config, timeout + 60.0, origin=origin)
+        else:
+            content = answer(kind, msg.content, context.run_config, Node.from_node_config(context.node_config), apps,
+                             origin)
+        return Message(content, reply_to=msg)
 
     @client_app.query("hello")
     def hello(msg: Message, context) -> Message:
-        """Which owner this node serves, checked against the run; reads owner.json only (no model, no torch)."""
-        from fedfm.owner import check_owner, count_rows
-
-        config, _ = _run_config(context)
-        d = Path(str(_data_dir(context)))
-        want = int(msg.content.config_records["hello"]["num_clients"])  # the size of the coordinator's split
-        o = check_owner(d, config.get("task", "classification"), want)
-        info = {"index": o["index"], "name": o["name"], "n_train": count_rows(d / "train.jsonl"),
-                "n_test": count_rows(d / "test.jsonl")}
-        return Message(RecordDict({"owner": ConfigRecord(info)}), reply_to=msg)
+        return reply("query.hello", msg, context)
 
     @client_app.train()
     def train(msg: Message, context) -> Message:
-        from fedfm.errors import ClientDropout
-
-        app = _owner_app(context)
-        _use_state(app, context, msg)
-        index, task = task_from_content(msg.content)
-        check_index(app, index)
-        t0 = time.perf_counter()
-        try:
-            with _SecAggState(app):  # a masked update needs this round's secure-aggregation keys
-                update = app.client_train(index, task)
-        except ClientDropout as exc:
-            raise FedFMError(f"owner {index} left the round: {exc}") from None
-        update.metrics.update(node_setup_s=app.setup_s, node_train_s=time.perf_counter() - t0)
-        return Message(update_content(update, update.delta), reply_to=msg)
+        return reply("train", msg, context)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context) -> Message:
-        app = _owner_app(context)
-        index = int(msg.content.config_records["fedfm"]["index"])
-        check_index(app, index)
-        weights = {k: v.float() for k, v in from_record(msg.content.array_records["weights"]).items()}
-        metrics = app.client_evaluate(index, weights)
-        return Message(RecordDict({"metrics": ConfigRecord({"json": json.dumps(metrics)})}), reply_to=msg)
+        return reply("evaluate", msg, context)
 
     @client_app.query("call")
     def call(msg: Message, context) -> Message:
-        app = _owner_app(context)
-        _use_state(app, context, msg)
-        c = msg.content.config_records["call"]
-        index, fn = int(c["index"]), str(c["fn"])
-        check_index(app, index)
-        from fedfm.protocol import PROTOCOL_FUNCTIONS
+        return reply("query.call", msg, context)
 
-        if fn not in PROTOCOL_FUNCTIONS:
-            raise FedFMError(f"unknown client function {fn!r}")
-        with _SecAggState(app):
-            reply = app.call(fn, index, bytes(c["payload"]))
-        return Message(RecordDict({"reply": ConfigRecord({"payload": bytes(reply)})}), reply_to=msg)
+    @client_app.query("rag")
+    def rag(msg: Message, context) -> Message:
+        return reply("query.rag", msg, context)
 
     return client_app

@@ -51,6 +51,11 @@ class EngineConfig(Section):
     root_certificates: str | None = Field(
         None, description="flower: the CA certificate (PEM) that signed the SuperLink's TLS certificate."
     )
+    server_test: str | None = Field(
+        None, description="flower: the coordinator's own test file (JSONL in the owner format: {\"text\", \"label\"} "
+        "lines), on the SuperLink's machine. The coordinator holds no owner data: without this file, evaluation is "
+        "the owners' (the mean over their own test splits, weighted by their sizes).",
+    )
 
 
 def parts(cfg) -> list[Part]:

@@ -215,7 +215,9 @@ class RunConfig(Section):
         if baselines:
             out.append(Part(f"compare.methods includes {', '.join(baselines)}", {Cap.BASELINES: ""}))
         if self.server_data.active:
-            caps = {Cap.SERVER_UPDATE: "the server's own update joins the aggregate"}
+            caps = {Cap.SERVER_UPDATE: "the server's own update joins the aggregate",
+                    Cap.SIMULATED: "the coordinator holds no owner data there, and its own data is drawn from the "
+                    "config's split"}
             if self.server_data.weight is None:
                 caps[Cap.EXAMPLE_WEIGHTED] = ""
             out.append(Part("server_data", caps))

@@ -164,12 +164,17 @@ class FlowerEngine:
 
     name = "flower"
 
-    def __init__(self, app, grid=None):
+    def __init__(self, app, grid=None, cfg=None):
+        """``app`` None (with ``cfg``): the coordinator's App is built after the owners answered (it holds no owner
+        data: :meth:`coordinator` says what it needs from them), then :meth:`attach`\ ed."""
         if grid is None:
             raise FedFMError("engine 'flower' runs inside a Flower ServerApp: start a SuperLink and the owners' "
                              "SuperNodes (fedfm deploy ...), then `fedfm run CONFIG --engine flower --federation HOST:PORT`")
-        self.app, self.grid = app, grid
-        self.timeout = app.cfg.engine.timeout_s
+        self.app, self.grid, self.cfg = app, grid, cfg or app.cfg
+        self.timeout = self.cfg.engine.timeout_s
+        # the federation's size: the coordinator's split's, or the config's, or (a natural partition) the owners' own
+        self.want: int | None = len(app.split.client_names) if app is not None else self.cfg.federation.num_clients
+        self.infos: dict[int, dict] = {}  # federation index -> what its node reported
         self.nodes: dict[int, int] = {}  # federation index -> node id
         self.sizes: dict[int, tuple[int, int]] = {}  # federation index -> (train, test) examples its node reported
         # names the owners' private state for this run on their machines (kept in the run directory: a resumed run
@@ -184,23 +189,61 @@ class FlowerEngine:
     def close(self) -> None:
         """The ServerApp's process ends with the run; nothing to release."""
 
+    # -- the coordinator's App
+    def coordinator(self, test_file: str | None = None, known: list[str] | None = None) -> dict:
+        """What the coordinator's App is built from (``App(cfg, coordinator=...)``): the owners' names by index, as
+        their nodes reported them (``known``: as a resumed run recorded them, for owners whose node is down), the
+        label set they share, and the coordinator's own test file (or None)."""
+        labels = {json.dumps(i.get("label_names", [])) for i in self.infos.values()}
+        if len(labels) > 1:
+            raise FedFMError(f"the owners' label sets differ: {sorted(labels)}; export them from one config")
+        if test_file is not None and not Path(test_file).is_file():
+            raise FedFMError(f"the coordinator's test file {test_file} (engine.server_test) does not exist")
+        known = known or []
+        names = [self.infos[i]["name"] if i in self.infos else known[i] if i < len(known) else f"owner-{i}"
+                 for i in range(self.want or 0)]
+        return {"names": names, "label_names": json.loads(labels.pop()) if labels else [], "test_file": test_file}
+
+    def attach(self, app) -> None:
+        """Use ``app`` (the coordinator's); with no test set of its own, evaluation is the owners'."""
+        self.app = app
+        if not len(app.global_test):
+            app.evaluate_at_owners = self.owners_evaluate
+
+    def owners_evaluate(self, weights: Weights) -> dict[str, float]:
+        """The model on every owner's own test split; the mean of their metrics weighted by split size (what one
+        test set pooled from theirs would give for accuracy and loss)."""
+        got = [(i, m) for i, m in zip(sorted(self.nodes), self.evaluate([(i, weights) for i in sorted(self.nodes)]))
+               if m is not None and self.sizes[i][1] > 0]
+        if not got:
+            raise FedFMError("no owner reported an evaluation, and the coordinator has no test set of its own "
+                             "(engine.server_test)")
+        keys = set.intersection(*(set(m) for _, m in got))
+        total = sum(self.sizes[i][1] for i, _ in got)
+        out = {k: sum(self.sizes[i][1] * m[k] for i, m in got) / total for k in sorted(keys)}
+        return {**out, "eval_owners": len(got), "eval_examples": total}
+
     # -- discovery
     def connect(self) -> None:
         """Wait for the federation's SuperNodes, then ask each which owner it serves."""
-        want = len(self.app.split.client_names)  # federation.num_clients may be null (a natural partition)
-        deadline = time.monotonic() + self.app.cfg.engine.connect_s
+        deadline = time.monotonic() + self.cfg.engine.connect_s
         ids = list(self.grid.get_node_ids())
-        while len(ids) < want and time.monotonic() < deadline:
+        while not ids and time.monotonic() < deadline:
             time.sleep(1.0)
             ids = list(self.grid.get_node_ids())
         if not ids:
             raise FedFMError("no SuperNode is connected to the SuperLink: start the owners' nodes first "
                              "(fedfm deploy supernode --data DIR ...)")
-        self.discover(ids)
-        need = self.app.cfg.federation.min_clients
+        if self.want is None:  # a natural partition's size: the first owners to answer say it (owner.json)
+            self.discover(ids)
+        while (self.want is None or len(ids) < self.want) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            ids = list(self.grid.get_node_ids())
+        self.discover_new()
+        need = self.cfg.federation.min_clients
         if len(self.nodes) < need:
             errors = "; ".join(f"node {r['node']}: {r.get('error', r['status'])}" for r in self.roster if r["status"] != "ok")
-            raise FedFMError(f"only {len(self.nodes)} of {want} owners are reachable (federation.min_clients={need})"
+            raise FedFMError(f"only {len(self.nodes)} of {self.want} owners are reachable (federation.min_clients={need})"
                              + (f": {errors}" if errors else ""))
 
     def discover_new(self) -> None:
@@ -215,9 +258,8 @@ class FlowerEngine:
         """Ask nodes ``ids`` which owner they serve; record every answer (or its absence) in the roster."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        want = len(self.app.split.client_names)
-        hello = [Message(RecordDict({"hello": ConfigRecord({"num_clients": want})}), dst_node_id=n,
-                         message_type="query.hello") for n in ids]
+        hello = [Message(RecordDict({"hello": ConfigRecord({"num_clients": -1 if self.want is None else self.want})}),
+                         dst_node_id=n, message_type="query.hello") for n in ids]
         got = list(self.grid.send_and_receive(hello, timeout=self.timeout))
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
         replies = {asked[m.metadata.reply_to_message_id]: m for m in got if m.metadata.reply_to_message_id in asked}
@@ -236,10 +278,14 @@ class FlowerEngine:
                 info = dict(m.content.config_records["owner"])
                 index = int(info["index"])
                 reported = (int(info["n_train"]), int(info["n_test"]))
+                info["label_names"] = json.loads(str(info.get("label_names", "[]")))
+                if self.want is None:
+                    self.want = int(info["num_clients"])
             except (KeyError, TypeError, ValueError) as exc:
                 self.roster.append({"node": node, "status": "error", "error": f"malformed reply: {exc!r}"})
                 log.error("node %d sent a malformed answer: %r", node, exc)
                 continue
+            want = self.want
             if not 0 <= index < want:
                 self.roster.append({"node": node, "status": "error", "error": f"owner index {index} out of range"})
                 log.error("node %d claims owner index %d, outside 0..%d", node, index, want - 1)
@@ -251,8 +297,9 @@ class FlowerEngine:
                 continue
             self.nodes[index] = node
             self.sizes[index] = reported
+            self.infos[index] = info
             self.roster.append({"node": node, "status": "ok", **info})
-        missing = sorted(set(range(want)) - set(self.nodes))
+        missing = sorted(set(range(self.want or 0)) - set(self.nodes))
         if missing:
             log.warning("owners without a working SuperNode (they count as vanished when sampled): %s", missing)
 
@@ -278,14 +325,15 @@ class FlowerEngine:
         path = Path(clients.dir).parent / "flower.json"
         if path.is_file():
             self.state_key = json.loads(path.read_text())["state_key"]
-        elif path.parent.is_dir():
-            atomic_write_text(path, json.dumps({"state_key": self.state_key}))
+        elif path.parent.is_dir():  # with the owners' names: a resumed run names an owner that is down the same way
+            atomic_write_text(path, json.dumps({"state_key": self.state_key,
+                                                "owners": [s.name for s in self.app.client_shards]}))
         self.key_kept = path.is_file()
 
     def train(self, jobs: list[tuple[int, ClientTask]], downlink) -> Iterator[tuple[int, ClientUpdate | None]]:
         """Send every task, then yield (index, update or None) as the owners' replies arrive."""
         self.remember_state_key()
-        if not self.app.cfg.secagg.enabled:  # under secure aggregation the round's keys were set up before this
+        if not self.cfg.secagg.enabled:  # under secure aggregation the round's keys were set up before this
             self.discover_new()
         once: dict[int, Weights] = {}
 
@@ -334,39 +382,12 @@ class FlowerEngine:
         return replace(update, delta=delta, bytes_up=len(codec.encode(delta)))
 
     def _stream(self, messages: list[tuple[int, object]]) -> Iterator[tuple[int, object]]:
-        """Push (index, message) pairs; yield (index, reply) for each reply that came back without error, as it
-        arrives, until all answered or ``engine.timeout_s`` passed (Flower's own ``send_and_receive`` waits for all
-        and polls every 3 s). Owners whose node is no longer connected are sent nothing (they vanished)."""
-        online = set(self.grid.get_node_ids())
-        for index, m in messages:
-            if m.metadata.dst_node_id not in online:
-                log.warning("owner %d: its node %d is offline", index, m.metadata.dst_node_id)
-        messages = [(i, m) for i, m in messages if m.metadata.dst_node_id in online]
-        if not messages:
-            return
-        # message ids are assigned when the grid pushes the messages; a reply names the message it answers (an
-        # error the SuperLink sends for a dead node comes from the SuperLink itself, not from the node)
-        ids = list(self.grid.push_messages([m for _, m in messages]))
-        by_id = {mid: index for mid, (index, _) in zip(ids, messages)}
-        pending, deadline, wait = set(by_id), time.monotonic() + self.timeout, 0.05
-        while pending and time.monotonic() < deadline:
-            got = list(self.grid.pull_messages(list(pending)))
-            for reply in got:
-                mid = reply.metadata.reply_to_message_id
-                if mid not in pending:
-                    continue
-                pending.discard(mid)
-                if reply.has_error():
-                    log.warning("owner %d failed: %s", by_id[mid], reply.error.reason)
-                    continue
-                yield by_id[mid], reply
-            if pending and not got:
-                time.sleep(wait)
-                wait = min(1.0, wait * 2)  # quick answers are picked up at once, slow rounds polled every second
-            elif got:
-                wait = 0.05
-        for mid in sorted(pending, key=lambda m: by_id[m]):
-            log.warning("owner %d sent no reply this round (vanished or failed)", by_id[mid])
+        """Replies without error as they arrive, by federation index (:func:`stream` with the round's timeout)."""
+        for index, reply in stream(self.grid, messages, self.timeout):
+            if reply.has_error():
+                log.warning("owner %d failed: %s", index, reply.error.reason)
+                continue
+            yield index, reply
 
     def call(self, fn: str, jobs: list[tuple[int, bytes]]) -> tuple[dict[int, bytes], int, int]:
         from flwr.app import ConfigRecord, RecordDict
@@ -402,3 +423,37 @@ class FlowerEngine:
         if missing:
             log.warning("no final evaluation from %s (left out of own_mean)", ", ".join(missing))
         return out
+
+
+def stream(grid, messages: list[tuple[object, object]], timeout: float) -> Iterator[tuple[object, object]]:
+    """Push (key, message) pairs through a ServerApp's ``grid``; yield (key, reply) for each reply as it arrives (an
+    error reply included: ``reply.has_error()``), until all answered or ``timeout`` seconds passed (Flower's own
+    ``send_and_receive`` waits for all and polls every 3 s). Messages to nodes no longer connected are not sent; the
+    keys left without a reply are logged."""
+    online = set(grid.get_node_ids())
+    for key, m in messages:
+        if m.metadata.dst_node_id not in online:
+            log.warning("owner %s: its node %d is offline", key, m.metadata.dst_node_id)
+    messages = [(k, m) for k, m in messages if m.metadata.dst_node_id in online]
+    if not messages:
+        return
+    # message ids are assigned when the grid pushes the messages; a reply names the message it answers (an
+    # error the SuperLink sends for a dead node comes from the SuperLink itself, not from the node)
+    ids = list(grid.push_messages([m for _, m in messages]))
+    by_id = {mid: key for mid, (key, _) in zip(ids, messages)}
+    pending, deadline, wait = set(by_id), time.monotonic() + timeout, 0.05
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(pending)))
+        for reply in got:
+            mid = reply.metadata.reply_to_message_id
+            if mid not in pending:
+                continue
+            pending.discard(mid)
+            yield by_id[mid], reply
+        if pending and not got:
+            time.sleep(wait)
+            wait = min(1.0, wait * 2)  # quick answers are picked up at once, slow rounds polled every second
+        elif got:
+            wait = 0.05
+    for mid in sorted(pending, key=lambda m: str(by_id[m])):
+        log.warning("owner %s sent no reply in time (vanished or failed)", by_id[mid])

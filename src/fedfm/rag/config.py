@@ -91,6 +91,11 @@ class FaultsConfig(Section):
 
 
 class EvalConfig(Section):
+    questions: str | None = Field(
+        None, description="JSONL evaluation file of the user's own questions, one per line: {\"question\", "
+        "\"relevant\": [doc id, ...], \"answers\": [str, ...] (optional)}; default: questions generated from "
+        "the collection."
+    )
     max_questions: int | None = Field(None, ge=1, description="Evenly spaced subsample of the question set.")
     answer_questions: int | None = Field(
         40, ge=1, description="Questions used for answer accuracy (generation is the slow part)."

@@ -3,7 +3,8 @@
 Retrieval: each question is sent once to every owner (passages mode, ``max(eval.ks)`` per owner); the
 same responses are merged exactly and by RRF, and the question is also searched in one centralized
 index over all the documents (the baseline a federation is weighed against). Recall@k and MRR are
-over documents (a document with several passages counts once, at its best rank).
+over documents (a document with several passages counts once, at its best rank). The questions are the
+user's own (``eval.questions``, read by :mod:`fedfm.rag.questions`) or generated from the collection.
 
 Answers (collections with known answers, e.g. the Elements): closed-book (the generator alone),
 centralized RAG, and each federated privacy mode, on the same questions, with latency and bytes per
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfm.data.dictd import Question, questions_for
+from fedfm.data.dictd import Document, Question, questions_for
 from fedfm.rag.config import RagConfig
 from fedfm.rag.federation import FederatedRAG
 from fedfm.rag.generate import is_correct
 from fedfm.rag.merge import doc_ranking, merge_exact, merge_rrf, recall_at, reciprocal_rank
+from fedfm.rag.questions import read_questions
 from fedfm.rundir import atomic_write_text
 
 
@@ -107,26 +109,52 @@ def answer_eval(fed: FederatedRAG, questions: list[Question], modes: list[str], 
     return out
 
 
-def evaluate(cfg: RagConfig, root: Path, log=print, fed: FederatedRAG | None = None) -> dict:
-    docs = cfg.collection.documents()
-    questions = evenly(questions_for(cfg.collection.name, docs), cfg.eval.max_questions)
+def question_set(cfg: RagConfig, docs: list[Document]) -> tuple[list[Question], dict]:
+    """The questions to evaluate on (``eval.questions``, or generated from the collection) and their source."""
+    if cfg.eval.questions:
+        scope = "the collection"
+        if cfg.collection.max_documents:
+            scope += f" (collection.max_documents={cfg.collection.max_documents} keeps {len(docs)} documents)"
+        every = read_questions(cfg.eval.questions, {d.id for d in docs}, scope)
+        source = {"source": "file", "path": cfg.eval.questions}
+    else:
+        every = questions_for(cfg.collection.name, docs)
+        source = {"source": "generated from the collection", "path": None}
+    source |= {"count": len(every), "with_answers": sum(1 for q in every if q.answers)}
+    return evenly(every, cfg.eval.max_questions), source
+
+
+def evaluate(cfg: RagConfig, root: Path, log=print, fed: FederatedRAG | None = None,
+             questions: tuple[list[Question], dict] | None = None) -> dict:
+    """Retrieval and answer quality of every mode (see the module docstring); writes eval.json and eval.md.
+
+    Retrieval is scored on every question; answer accuracy on those with answers (``eval.answer_questions`` of them).
+    ``questions`` (with their source): given by a coordinator that holds no documents (over Flower), which then
+    has no centralized baseline either.
+    """
+    central = questions is None
+    docs = cfg.collection.documents() if central else None
+    questions, source = question_set(cfg, docs) if central else questions
     own = fed is None
     fed = fed or FederatedRAG(cfg, root)
     # a fresh requester name per evaluation: guarded budgets spent by earlier evaluations do not count here
     requester = "eval-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-    modes = list(cfg.eval.modes)
+    modes = [m for m in cfg.eval.modes if central or m != "centralized"]
     if cfg.query.send == "embedding" and "owner_answers" in modes:
         modes.remove("owner_answers")
         log("owner_answers skipped: it needs the question text at the owners and query.send=embedding")
     try:
         t0 = time.perf_counter()
-        fed.central_store()
+        if central:
+            fed.central_store()
         result = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "collection": cfg.collection.name, "owners": {n: len(o.store) for n, o in fed.owners.items()},
-            "documents": len(docs), "send": cfg.query.send,
+            "collection": cfg.collection.name if central else "the owners' own (over Flower)",
+            "owners": fed.owner_sizes(), "documents": len(docs) if central else None, "send": cfg.query.send,
+            "questions": source,
         }
-        result["retrieval"] = retrieval_eval(fed, questions, sorted(cfg.eval.ks), log, requester=requester)
+        result["retrieval"] = retrieval_eval(fed, questions, sorted(cfg.eval.ks), log, central=central,
+                                             requester=requester)
         answerable = [q for q in questions if q.answers]
         if answerable and modes:
             result["answers"] = answer_eval(fed, evenly(answerable, cfg.eval.answer_questions), modes, log, requester)
@@ -148,15 +176,26 @@ MODE_NOTES = {
 }
 
 
+def _source_line(src: dict | None) -> str:
+    if src is None:  # eval.json written before the question source was recorded
+        return "generated from the collection"
+    where = f"from {src['path']}" if src["path"] else src["source"]
+    return f"{src['count']} {where} ({src['with_answers']} with answers)"
+
+
 def to_markdown(r: dict) -> str:
     ret = r["retrieval"]
     keys = list(next(iter(ret["metrics"].values())))
+    docs = f"{r['documents']} documents, " if r.get("documents") is not None else ""
+    same = ret.get("exact_equals_centralized_rankings")
     lines = [
-        f"# Federated RAG evaluation: {r['collection']} ({r['documents']} documents, {len(r['owners'])} owners)",
+        f"# Federated RAG evaluation: {r['collection']} ({docs}{len(r['owners'])} owners)",
         "",
         f"- date: {r['date']}; question sent as {r['send']}",
-        f"- retrieval over {ret['questions']} questions; the exact merge gave the same document ranking as the "
-        f"centralized index for {ret['exact_equals_centralized_rankings']} of them",
+        f"- questions: {_source_line(r.get('questions'))}",
+        f"- retrieval over {ret['questions']} questions; " + (
+            f"the exact merge gave the same document ranking as the centralized index for {same} of them"
+            if same is not None else "no centralized index (the coordinator holds no owner documents)"),
         "",
         "| retrieval | " + " | ".join(keys) + " |",
         "|---|" + "---|" * len(keys),

@@ -238,20 +238,31 @@ class FederatedRAG:
                 missing[name] = f"failed: {type(exc).__name__}: {exc}"
                 continue
             received += len(body)
-            try:
-                resp = json.loads(body)
-            except ValueError:
-                missing[name] = "sent a malformed response"
-                continue
-            if "refused" in resp:
-                missing[name] = f"refused: {resp['refused']}"
-            elif "error" in resp:
-                missing[name] = f"error: {resp['error']}"
-            else:
-                responses[name] = resp
+            self.parse_response(name, body, responses, missing)
         for fut in late:
             missing[futures[fut]] = f"did not answer within the {self.cfg.query.deadline_s:g} s deadline"
         return FanOut(dict(sorted(responses.items())), dict(sorted(missing.items())), len(message) * len(futures), received)
+
+    @staticmethod
+    def parse_response(name: str, body: bytes, responses: dict, missing: dict) -> None:
+        """File an owner's response under ``responses``, or its refusal, error or garbage under ``missing``."""
+        try:
+            resp = json.loads(body)
+            if not isinstance(resp, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            missing[name] = "sent a malformed response"
+            return
+        if "refused" in resp:
+            missing[name] = f"refused: {resp['refused']}"
+        elif "error" in resp:
+            missing[name] = f"error: {resp['error']}"
+        else:
+            responses[name] = resp
+
+    def owner_sizes(self) -> dict[str, int]:
+        """Passages in each owner's store."""
+        return {n: len(o.store) for n, o in self.owners.items()}
 
     @staticmethod
     def owner_lists(out: FanOut) -> dict[str, list[OwnedHit]]:

@@ -16,9 +16,9 @@ count and the last line's hash, so a deleted, edited or cut-off line is detected
 (:func:`verify_audit_log`). Appends and budget updates take file locks, so several processes may
 serve one owner directory. If the log cannot be written, nothing is released.
 
-Requester names are whatever the caller declares: in this in-process simulation nothing authenticates
-them (node authentication belongs to the networked engine), so a budget limits an honest or
-identified requester, not one free to invent names.
+Requester names are whatever the caller declares in the in-process federation, where nothing
+authenticates them, so a budget there limits an honest or identified requester. Over Flower
+(``fedfm.rag.remote``) the owner's node sets the requester itself, from the authenticated connection.
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ class Owner:
                 "requester": request.get("requester"), "qid": request.get("qid"), "mode": request.get("mode"),
                 "query": query, "bytes": nbytes, "released": payload, "prev": prev,
             }
+            record.update({k: request[k] for k in ("run", "declared_requester") if k in request})
             line = json.dumps(record, ensure_ascii=False, sort_keys=True)
             fh.write((line + "\n").encode())  # append-only ("a" mode)
             fh.flush()
@@ -140,8 +141,11 @@ class Owner:
             atomic_write_text(self.head_path, json.dumps({"lines": lines + 1, "last": hashlib.sha256(line.encode()).hexdigest()}))
 
     # ------------------------------------------------------------------ the endpoint
-    def handle(self, message: bytes) -> bytes:
-        """Answer one query message; returns the response bytes (also what the audit log records)."""
+    def handle(self, message: bytes, origin: dict | None = None) -> bytes:
+        """Answer one query message; returns the response bytes (also what the audit log records).
+
+        ``origin``: who the network says sent it (over Flower: the SuperLink and the run). Its ``requester`` replaces
+        the one the message declares, which the audit log keeps as ``declared_requester``."""
         with self._lock:
             if self._delay:
                 time.sleep(self._delay)  # simulated slow owner (faults.slow_owners)
@@ -151,6 +155,8 @@ class Owner:
                 if not isinstance(parsed, dict):
                     raise ValueError("not a JSON object")
                 request = parsed
+                if origin:
+                    request = {**request, **origin, "declared_requester": request.get("requester")}
                 payload = self._answer(request)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 payload = {"owner": self.name, "qid": request.get("qid"), "error": f"malformed query: {exc}"}

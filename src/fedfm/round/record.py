@@ -35,6 +35,8 @@ def round_record(ctx: RoundContext, seconds: float) -> dict[str, Any]:
         "macro_f1": m.get("macro_f1"),
         **{k: m.get(k) for k in ctx.app.task.record_metrics},
         **({"backdoor_success": m["backdoor_success"]} if "backdoor_success" in m else {}),
+        # a coordinator without a test set: how many owners' own splits (and examples) the evaluation pooled
+        **({k: m[k] for k in ("eval_owners", "eval_examples") if k in m}),
         "bytes_down": ctx.downlink.bytes + ctx.bytes_down if fed else 0,
         "bytes_up": sum(u.bytes_up for u in ctx.reports) + ctx.bytes_up if fed else 0,
         "examples": int(sum(u.metrics.get("examples_seen", 0) for u in trusted)),

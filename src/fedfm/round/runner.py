@@ -119,7 +119,7 @@ class Runner:
             for i, m in zip(clients, self.engine.evaluate([(i, st.weights) for i in clients])):
                 own[i], glob_each[i] = m, per_group[-1]
             self.save_final(group, st)
-            if self.cfg.task == "instruction" and self.cfg.eval.samples:
+            if self.cfg.task == "instruction" and self.cfg.eval.samples and len(app.global_test):
                 set_weights(app.model, st.weights)
                 samples.append({"group": group.name, "samples": app.task.samples(app.model, app.global_test, self.cfg.eval.samples)})
         if samples:  # generated answers of each final model, shown in the run report

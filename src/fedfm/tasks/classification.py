@@ -36,6 +36,9 @@ class Encoded:
 
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
     """Tokenise every text once up front, so rounds never pay for tokenisation again."""
+    if not len(texts):  # a Flower coordinator without a test set holds no examples (HF tokenizers fail on [])
+        none = torch.zeros((0, max_length), dtype=torch.long)
+        return Encoded(none, none.clone(), torch.zeros(0, dtype=torch.long))
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
 

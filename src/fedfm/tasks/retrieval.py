@@ -58,6 +58,9 @@ def encode_pairs(tokenizer, queries: list[str], passages: list[str], max_length:
     """Tokenise every query and passage once up front (truncated to ``max_length`` tokens)."""
     numbers: dict[str, int] = {}
     key = [numbers.setdefault(p, len(numbers)) for p in passages]
+    if not len(queries):  # no examples (HF tokenizers fail on an empty list)
+        none = torch.zeros((0, max_length), dtype=torch.long)
+        return Pairs(none, none.clone(), none.clone(), none.clone(), torch.zeros(0, dtype=torch.long))
     q = tokenizer(list(queries), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     p = tokenizer(list(passages), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return Pairs(q["input_ids"], q["attention_mask"], p["input_ids"], p["attention_mask"], torch.tensor(key, dtype=torch.long))
