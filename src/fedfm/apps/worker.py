@@ -49,18 +49,23 @@ def worker_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "worker"
 
 
+def _open_address(path: Path) -> tuple[str, int | None]:
+    """``path`` as a Unix socket address, and the descriptor it needs open (None for a short path): a Linux socket
+    path has at most 107 bytes, so a longer one is reached through its directory's descriptor (/proc/self/fd/N/name)."""
+    if len(os.fsencode(str(path))) < 100:
+        return str(path), None
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/{path.name}", fd
+
+
 @contextmanager
 def _address(path: Path):
-    """``path`` as a Unix socket address: a Linux socket path has at most 107 bytes, so a longer one is reached
-    through a descriptor of its directory (``/proc/self/fd/N/name``)."""
-    if len(os.fsencode(str(path))) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    addr, fd = _open_address(path)
     try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
+        yield addr
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _send(conn, header: dict, body: bytes = b"") -> None:
@@ -117,10 +122,8 @@ class Worker:
         """Listen on the socket; a socket file nobody listens on (left by a worker that died) is replaced, one a live
         worker listens on is not."""
         path = self.wdir / SOCKET
-        addr = str(path)
-        if len(os.fsencode(addr)) >= 100:  # see _address; the descriptor stays open while the listener lives (it
-            self._dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)  # unlinks its address when closed)
-            addr = f"/proc/self/fd/{self._dirfd}/{path.name}"
+        # the descriptor stays open while the listener lives: it unlinks its address when closed
+        addr, self._dirfd = _open_address(path)
         if path.exists():
             probe = socket.socket(socket.AF_UNIX)
             try:
